@@ -1,0 +1,63 @@
+# msr — one entry point for people and CI.
+#   make run        set up .venv and run the whole pipeline (dvc repro)
+#   make test       set up .venv, check notebooks and library are in sync, run nbdev_test and pytest
+#   make bench      run the pipeline benchmark (writes BENCHMARKS.md figures to stdout)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.msr-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup run test sync-check export clean-nbs readme nbtest pytest lab bench mlflow-ui
+
+setup: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (msr)" >/dev/null
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/dvc repro
+
+export: setup
+	$(BIN)/nbdev_export
+
+clean-nbs: setup
+	$(BIN)/nbdev_clean
+
+readme: setup
+	$(BIN)/python -c 'from msr.docs import render_readme; render_readme()'
+
+# Fails (after fixing the files in place) when nbdev_export, nbdev_clean or the README
+# generator would change anything: the generated files must be committed in sync.
+sync-check: setup
+	@before=$$(find msr nbs README.md -type f \( -name '*.py' -o -name '*.ipynb' -o -name '*.md' \) -not -path '*/.ipynb_checkpoints/*' | sort | xargs md5sum); \
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(BIN)/python -c 'from msr.docs import render_readme; render_readme()' && \
+	after=$$(find msr nbs README.md -type f \( -name '*.py' -o -name '*.ipynb' -o -name '*.md' \) -not -path '*/.ipynb_checkpoints/*' | sort | xargs md5sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "sync-check: nbdev_export / nbdev_clean / README generation changed these files:"; \
+	  diff <(echo "$$before") <(echo "$$after") | grep '^[<>]' | awk '{print "  " $$3}' | sort -u; \
+	  echo "Run 'make export clean-nbs readme' and commit the result."; exit 1; fi
+	@echo "sync-check: notebooks, library and README are in sync"
+
+nbtest: setup
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: setup
+	$(BIN)/python -m pytest
+
+test: sync-check nbtest pytest
+
+lab: setup
+	$(BIN)/jupyter lab
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+bench: setup
+	$(BIN)/python benchmarks/pipeline.py --runs 3
