@@ -1,5 +1,6 @@
 # msr — one entry point for people and CI.
 #   make run        set up .venv and run the whole pipeline (dvc repro)
+#   make run-offline the same, reading the shipped archive (ingest.offline=true)
 #   make test       set up .venv, check notebooks and library are in sync, run nbdev_test and pytest
 #   make bench      run the pipeline benchmark (writes BENCHMARKS.md figures to stdout)
 SHELL := /bin/bash
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.msr-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test sync-check export clean-nbs readme nbtest pytest lab bench mlflow-ui
+.PHONY: setup run run-offline test sync-check export clean-nbs readme nbtest pytest lab bench mlflow-ui
 
 setup: $(STAMP)
 
@@ -23,6 +24,10 @@ $(STAMP): settings.ini setup.py
 
 run: setup
 	$(BIN)/dvc repro
+
+# Same pipeline without touching the network: reads ingest.offline_source (the shipped archive).
+run-offline: setup
+	$(BIN)/dvc exp run -S ingest.offline=true
 
 export: setup
 	$(BIN)/nbdev_export

@@ -1,0 +1,122 @@
+"""Shared fixtures: the real songs archive, a sample of it, a local HTTP server and a throwaway project copy."""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ZIP = ROOT.parent / "shared" / "data" / "spotify_songs.zip"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def songs_csv(tmp_path_factory) -> Path:
+    "The real archive's CSV: from ../shared/data, else downloaded from its public home, else skip."
+    dest = tmp_path_factory.mktemp("real") / "spotify_songs.csv"
+    if SHARED_ZIP.exists():
+        with zipfile.ZipFile(SHARED_ZIP) as zf: dest.write_bytes(zf.read("spotify_songs.csv"))
+        return dest
+    from msr.ingest import IngestError, PUBLIC_URL, fetch
+    try: fetch(PUBLIC_URL, dest, progress=False, timeout=20)
+    except IngestError as e: pytest.skip(f"the real archive is not at {SHARED_ZIP} and could not be downloaded: {e}")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def songs(songs_csv) -> pd.DataFrame:
+    return pd.read_csv(songs_csv)
+
+
+def sample_rows(songs: pd.DataFrame, per_genre: int = 8, seed: int = 0) -> pd.DataFrame:
+    "A few thousand real rows: `per_genre` whole playlists of each genre, plus the rows that lack a name."
+    playlists = songs.drop_duplicates("playlist_id").groupby("playlist_genre")["playlist_id"]
+    chosen = playlists.apply(lambda s: s.sample(min(per_genre, len(s)), random_state=seed)).explode()
+    rows = songs[songs["playlist_id"].isin(set(chosen)) | songs["track_name"].isna()]
+    return rows.reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def sample_zip(songs, tmp_path_factory) -> Path:
+    "A zip of a real sample, shaped like the shipped archive."
+    path = tmp_path_factory.mktemp("sample") / "sample.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("spotify_songs.csv", sample_rows(songs).to_csv(index=False))
+    return path
+
+
+class Routes(BaseHTTPRequestHandler):
+    "Serves `self.server.routes[path] = (status, headers, body)`; a callable body is called with the handler."
+    def do_GET(self):
+        route = self.server.routes.get(self.path.split("?")[0])
+        if route is None: route = (404, {}, b"not found")
+        status, headers, body = route
+        if callable(body): return body(self)
+        self.send_response(status)
+        for k, v in {"Content-Length": str(len(body)), **headers}.items(): self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args): pass
+
+
+@pytest.fixture()
+def http_server():
+    "A real HTTP server on 127.0.0.1 with settable routes; yields (base_url, routes)."
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Routes)
+    server.routes = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try: yield f"http://127.0.0.1:{server.server_address[1]}", server.routes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def project_files() -> list[str]:
+    "The files a clone of the project has (tracked or new, not ignored), from the working tree."
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in out if f and (ROOT / f).is_file()]
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    "Run a command with the project's environment first on PATH and MLflow on its embedded default."
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {**base, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture()
+def project(tmp_path) -> Path:
+    "A copy of the project in a fresh git repository, with empty data/ and outputs/ and no MLflow store."
+    dest = tmp_path / "msr"
+    for f in project_files():
+        if f.startswith(("data/", "outputs/")) or f == "dvc.lock": continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def set_params(project: Path, **sections):
+    "Update params.yaml sections in `project` (a shallow merge per section)."
+    import yaml
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items(): params[section] = {**params.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

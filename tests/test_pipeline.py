@@ -1,0 +1,122 @@
+"""End to end: the real `dvc repro` on a sample of the real archive, in a throwaway copy of the project."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import zipfile
+
+import nbformat
+import pandas as pd
+import pytest
+
+from conftest import run, set_params
+
+STAGES = ["ingest", "validate", "transform", "genre", "clusters", "evaluate"]
+
+
+def ran(p) -> set[str]:
+    "Stages a `dvc repro` run executed."
+    return set(re.findall(r"Running stage '(\w+)'", p.stdout))
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
+    set_params(project, ingest={"source": str(sample_zip), "sha256": "", "offline_source": ""})
+    first = run(["dvc", "repro"], project)
+    assert ran(first) == set(STAGES), first.stdout
+
+    # every stage's report is an executed notebook
+    for stage in STAGES:
+        nb = nbformat.read(project / "outputs" / f"{stage}.ipynb", as_version=4)
+        assert nb.metadata["papermill"]["exception"] is None, stage
+        assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), stage
+
+    # ingest + validate: the sample arrived whole, the 5 rows without a name were quarantined
+    sample = pd.read_csv(sample_zip)
+    assert json.loads((project / "outputs/metrics/ingest.json").read_text())["rows"] == len(sample)
+    validation = json.loads((project / "outputs/validation.json").read_text())
+    assert validation["status"] is True and validation["quarantined"] == 5
+    assert validation["valid_rows"] == len(sample) - 5
+    assert len(pd.read_csv(project / "data/interim/quarantine.csv")) == 5
+    assert (project / "outputs/validation_status.txt").read_text().strip() == "Validation status: True"
+
+    # transform: normalised tables, disjoint splits, queries only from valid/test playlists
+    tracks = pd.read_parquet(project / "data/processed/tracks.parquet")
+    pt = pd.read_parquet(project / "data/processed/playlist_tracks.parquet")
+    splits = pd.read_parquet(project / "data/processed/splits.parquet")
+    queries = pd.read_parquet(project / "data/processed/queries.parquet")
+    assert tracks["track_id"].is_unique and set(pt["track_id"]) <= set(tracks["track_id"])
+    assert not pt.duplicated(["playlist_id", "track_id"]).any()
+    assert splits["playlist_id"].is_unique and set(splits["split"]) == {"train", "valid", "test"}
+    q_splits = queries.merge(splits, on="playlist_id", suffixes=("", "_true"))
+    assert (q_splits["split"] == q_splits["split_true"]).all() and set(queries["split"]) <= {"valid", "test"}
+    assert set(queries["setting"]) == {"half", "quarter", "five"}
+
+    # genre / clusters / evaluate: sane metrics, all models, all settings
+    genre = json.loads((project / "outputs/metrics/genre.json").read_text())
+    assert 0 <= genre["accuracy"] <= 1 and genre["playlists"] == (splits["split"] == "test").sum()
+    clusters = json.loads((project / "outputs/metrics/clusters.json").read_text())
+    assert set(clusters["genres"]) <= {"edm", "latin", "pop", "r&b", "rap", "rock"}
+    table = json.loads((project / "outputs/metrics/recommend.json").read_text())
+    assert set(table) == {"original", "popularity", "random"}
+    for model in table.values():
+        assert set(model) == {"half", "quarter", "five"}
+        for row in model.values():
+            assert 0 <= row["r_precision"] <= 1 and 0 <= row["ndcg_at_50"] <= 1 and 0 <= row["clicks"] <= 51
+    for f in ["outputs/plots/evaluate.png", "outputs/plots/genre_confusion.png", "outputs/plots/clusters.png",
+              "outputs/plots/recall/original.csv", "outputs/plots/genre_confusion.csv"]:
+        assert (project / f).stat().st_size > 0, f
+    shown = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "r_precision" in shown
+
+    # MLflow: one run per stage, grouped under one pipeline run, with params, metrics, commit and report
+    db = sqlite3.connect(project / "mlflow.db")
+    runs = dict(db.execute("select name, run_uuid from runs"))
+    assert set(STAGES) <= set(runs)
+    parents = {db.execute("select value from tags where run_uuid=? and key='mlflow.parentRunId'", (runs[s],)).fetchone()[0]
+               for s in STAGES}
+    assert len(parents) == 1
+    assert db.execute("select count(*) from params where run_uuid=? and key='genre.n_estimators'", (runs["evaluate"],)).fetchone()[0] == 1
+    assert db.execute("select count(*) from metrics where run_uuid=? and key='original/half/r_precision'", (runs["evaluate"],)).fetchone()[0] == 1
+    commit = db.execute("select value from tags where run_uuid=? and key='mlflow.source.git.commit'", (runs["ingest"],)).fetchone()[0]
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+    assert list((project / "mlartifacts").glob(f"*/{runs['evaluate']}/artifacts/report/evaluate.ipynb")) or \
+        list((project / "mlartifacts").glob(f"{runs['evaluate']}/artifacts/report/evaluate.ipynb"))
+
+    # an immediate second run executes nothing
+    second = run(["dvc", "repro"], project)
+    assert ran(second) == set(), second.stdout
+
+    # one changed parameter re-runs that stage and those downstream of it, nothing else
+    set_params(project, clusters={"random_state": 7})
+    third = run(["dvc", "repro"], project)
+    assert ran(third) == {"clusters", "evaluate"}, third.stdout
+
+    # bad input to ingest: clear error, the good raw data and everything after it unchanged
+    raw, songs_out = project / "data/raw/spotify_songs.csv", project / "data/interim/songs.parquet"
+    good = {p: digest(p) for p in [raw, songs_out]}
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(sample_zip.read_bytes()[:5000])
+    set_params(project, ingest={"source": str(corrupt)})
+    bad = run(["dvc", "repro"], project, check=False)
+    assert bad.returncode != 0 and "corrupt zip" in bad.stderr + bad.stdout
+    assert {p: digest(p) for p in good} == good
+
+    # bad data that ingests fine but fails hard validation: named failure, validated data unchanged
+    rows = pd.read_csv(sample_zip)
+    rows.loc[3, "energy"] = 1.7
+    bad_csv = tmp_path / "bad.csv"
+    rows.to_csv(bad_csv, index=False)
+    set_params(project, ingest={"source": bad_csv.as_uri()})
+    failed = run(["dvc", "repro"], project, check=False)
+    out = failed.stderr + failed.stdout
+    assert failed.returncode != 0 and "validation failed" in out and "energy" in out and "in_range" in out
+    assert digest(songs_out) == good[songs_out]
+    report = json.loads((project / "outputs/validation.json").read_text())
+    assert report["status"] is False and report["hard_failures"][0]["column"] == "energy"
+    assert (project / "outputs/validation_status.txt").read_text().strip() == "Validation status: False"
