@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run, set_params
 
-STAGES = ["ingest", "validate", "transform", "genre", "clusters", "evaluate"]
+STAGES = ["ingest", "validate", "transform", "genre", "clusters", "train", "evaluate"]
 
 
 def ran(p) -> set[str]:
@@ -63,12 +63,15 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     clusters = json.loads((project / "outputs/metrics/clusters.json").read_text())
     assert set(clusters["genres"]) <= {"edm", "latin", "pop", "r&b", "rap", "rock"}
     table = json.loads((project / "outputs/metrics/recommend.json").read_text())
-    assert set(table) == {"original", "popularity", "random"}
+    assert set(table) == {"msr", "original", "popularity", "content", "random"}
     for model in table.values():
         assert set(model) == {"half", "quarter", "five"}
         for row in model.values():
             assert 0 <= row["r_precision"] <= 1 and 0 <= row["ndcg_at_50"] <= 1 and 0 <= row["clicks"] <= 51
-    for f in ["outputs/plots/evaluate.png", "outputs/plots/genre_confusion.png", "outputs/plots/clusters.png",
+    # msr's model beats the original method and random, even learning from a few dozen playlists
+    assert table["msr"]["half"]["r_precision"] > 5 * max(table["original"]["half"]["r_precision"], table["random"]["half"]["r_precision"], 0.005)
+    assert json.loads((project / "outputs/metrics/train.json").read_text())["queries"] > 0
+    for f in ["outputs/plots/evaluate.png", "outputs/plots/train_importance.png", "data/models/recommender.pkl", "outputs/plots/genre_confusion.png", "outputs/plots/clusters.png",
               "outputs/plots/recall/original.csv", "outputs/plots/genre_confusion.csv"]:
         assert (project / f).stat().st_size > 0, f
     shown = run(["dvc", "metrics", "show", "--json"], project).stdout
