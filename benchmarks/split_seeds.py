@@ -1,0 +1,71 @@
+"""msr's model and the baselines over several random splits: the evaluation of the `evaluate` stage,
+repeated for each split seed, with the mean and spread of every metric.
+
+    python benchmarks/split_seeds.py --seeds 42 1 2 3 4
+
+Reads the validated rows (`data/interim/songs.parquet`, run `dvc repro validate` first) and the
+parameters in params.yaml; only transform.seed changes between runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from msr.core import SONGS, load_params
+from msr.evaluate import evaluate_model, fit_playlists, summarize
+from msr.metrics import METRICS
+from msr.recommend import fit_recommender
+from msr.transform import build_tables, make_queries, split_playlists
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_params(params: dict) -> dict:
+    train = {**params["train"], "ltr_settings": tuple(params["train"]["ltr_settings"])}
+    clusters = {k: params["clusters"][k] for k in ["n_components", "covariance_type", "random_state"]}
+    return {"msr": train, "original": {"genre": params["genre"], "clusters": clusters},
+            "random": {"seed": params["evaluate"]["random_seed"]}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    ap.add_argument("--models", nargs="+", default=["msr", "original", "popularity", "content", "random"])
+    ap.add_argument("--split", default="test", choices=["test", "valid"])
+    ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/split_seeds.json")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    params = load_params()
+    t = params["transform"]
+    per_model = model_params(params)
+    tracks, pt, _ = build_tables(pd.read_parquet(SONGS))
+    rows = []
+    for seed in args.seeds:
+        splits = split_playlists(pt, test_size=t["test_size"], valid_size=t["valid_size"], seed=seed)
+        queries = make_queries(pt, splits, t["query_settings"], min_tracks=t["min_tracks"], seed=seed)
+        train = fit_playlists(pt, splits, args.split)
+        for name in args.models:
+            model = fit_recommender(tracks, train, {"model": name, **per_model.get(name, {})})
+            table = summarize(evaluate_model(model, queries, split=args.split, k=params["evaluate"]["k"]).assign(model=name))
+            rows.append(table.reset_index().assign(split_seed=seed))
+            print(f"seed {seed} {name}: half R-precision {table.loc[(name, 'half'), 'r_precision']:.4f}", flush=True)
+    df = pd.concat(rows, ignore_index=True)
+    agg = df.groupby(["model", "setting"])[list(METRICS)].agg(["mean", "std", "min", "max"])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"seeds": args.seeds, "split": args.split,
+                                       "runs": df.to_dict(orient="records")}, indent=1, default=float) + "\n")
+    print(f"\n{args.split} queries, split seeds {args.seeds}: mean ± std (min–max)\n")
+    print("| model | setting | R-precision | NDCG@50 | recall@50 | clicks |\n|---|---|---|---|---|---|")
+    for (model, setting), r in agg.iterrows():
+        cells = [f"{r[(m, 'mean')]:.3f} ± {r[(m, 'std')]:.3f} ({r[(m, 'min')]:.3f}–{r[(m, 'max')]:.3f})"
+                 for m in ["r_precision", "ndcg_at_50", "recall_at_50"]]
+        cells.append(f"{r[('clicks', 'mean')]:.2f} ± {r[('clicks', 'std')]:.2f}")
+        print(f"| {model} | {setting} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
