@@ -2,7 +2,7 @@
 #   make run        set up .venv and run the whole pipeline (dvc repro)
 #   make run-offline the same, reading the shipped archive (ingest.offline=true)
 #   make test       set up .venv, check notebooks and library are in sync, run nbdev_test and pytest
-#   make bench      run the pipeline benchmark (writes BENCHMARKS.md figures to stdout)
+#   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -65,4 +65,7 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 bench: setup
-	$(BIN)/python benchmarks/pipeline.py --runs 3
+	$(BIN)/python benchmarks/pipeline.py --runs 5
+	$(BIN)/python benchmarks/recommend.py --fits 3 --queries 1000
+	$(BIN)/python benchmarks/split_seeds.py --seeds 42 1 2 3 4
+	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
