@@ -17,7 +17,7 @@ from .recommend import Recommender
 from .transform import track_genre_labels
 
 # %% auto #0
-__all__ = ['SIMILARITY', 'FEATURES', 'Catalogue', 'PlaylistStats', 'MsrRecommender']
+__all__ = ['SIMILARITY', 'FEATURES', 'Catalogue', 'PlaylistStats', 'MsrRecommender', 'toy_world']
 
 # %% ../nbs/11_model.ipynb #95f3fd4c
 SIMILARITY = ["danceability", "energy", "loudness", "speechiness", "acousticness",
@@ -343,4 +343,30 @@ class MsrRecommender(Recommender):
             reasons = (_reasons(self.catalogue_, self.stats_, seeds, cands[i], F[i], self.stats_.genres[g])
                        if i is not None else ["one of the most played tracks"])
             rows.append({TRACK_ID: t, "score": float(scores[i]) if i is not None else float("nan"), "reasons": reasons})
-        return pd.DataFrame(rows)
+        out = pd.DataFrame(rows, columns=[TRACK_ID, "score", "reasons"])
+        out.attrs["genre"] = self.stats_.genres[g]  # the genre the model read from the seeds
+        return out
+
+# %% ../nbs/11_model.ipynb #37d76a2c
+def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, seed: int = 0):
+    "A small synthetic (tracks, playlist_tracks) pair in the real tables' shape, for tests and examples."
+    rng = np.random.default_rng(seed)
+    n = n_artists * per_artist
+    centers = rng.uniform(size=(n_artists, len(AUDIO_FEATURES)))
+    art = np.repeat(np.arange(n_artists), per_artist)
+    feats = np.clip(centers[art] + rng.normal(0, 0.03, (n, len(AUDIO_FEATURES))), 0, 1)
+    tracks = pd.DataFrame(feats, columns=AUDIO_FEATURES)
+    tracks.insert(0, TRACK_ID, [f"t{i:04d}" for i in range(n)])
+    tracks["track_artist"] = [f"artist {a}" for a in art]
+    tracks["track_album_id"] = [f"al{a}-{i % 2}" for a, i in zip(art, range(n))]
+    tracks["track_album_release_date"] = [str(1990 + a % 30) for a in art]
+    tracks["track_popularity"] = rng.integers(0, 100, n)
+    tracks["track_name"] = [f"song {i}" for i in range(n)]
+    genres = ["edm", "rock", "pop"]
+    rows = []
+    for p in range(n_playlists):
+        arts = rng.choice(n_artists, 3, replace=False)
+        for a in arts:
+            for i in rng.choice(per_artist, 6, replace=False):
+                rows.append((f"p{p:03d}", f"{genres[arts[0] % 3]} mix {p}", f"t{a * per_artist + i:04d}", genres[arts[0] % 3]))
+    return tracks, pd.DataFrame(rows, columns=[PLAYLIST_ID, "playlist_name", TRACK_ID, GENRE])

@@ -154,6 +154,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
             "mlflow.source.git.commit": git_commit(), "mlflow.source.name": str(src)}).info.run_id
         client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in loggable_params(params).items()])
     t0, status, error = time.time(), "FINISHED", None
+    if run_id: os.environ["MSR_STAGE_RUN"] = run_id  # the stage's kernel may log into its own run (register does)
     try:
         pm.execute_notebook(str(src), str(report), parameters=params, progress_bar=False,
                             log_output=False, report_mode=False, cwd=".",
@@ -165,6 +166,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
         status = "FAILED"
         error = StageFailed(f"stage {stage!r} could not run: {type(e).__name__}: {e}")
     finally:
+        os.environ.pop("MSR_STAGE_RUN", None)
         if client is not None:
             client.log_metric(run_id, "stage_seconds", time.time() - t0)
             if report.exists(): client.log_artifact(run_id, str(report), "report")
