@@ -2,6 +2,8 @@
 #   make run        set up .venv and run the whole pipeline (dvc repro)
 #   make run-offline the same, reading the shipped archive (ingest.offline=true)
 #   make test       set up .venv, check notebooks and library are in sync, run nbdev_test and pytest
+#   make serve      serve the registered champion over REST (MLflow scoring server) on 127.0.0.1
+#   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,8 +11,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.msr-installed
 export PATH := $(abspath $(BIN)):$(PATH)
+HOST ?= 127.0.0.1
+SERVE_PORT ?= 5001
+SERVE_WORKERS ?= 2
+DASHBOARD_PORT ?= 8866
 
-.PHONY: setup run run-offline test sync-check export clean-nbs readme nbtest pytest lab bench mlflow-ui
+.PHONY: setup run run-offline test sync-check export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard
 
 setup: $(STAMP)
 
@@ -64,8 +70,20 @@ lab: setup
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
+# The registry's champion behind MLflow's scoring server (uvicorn, found through PATH: .venv/bin is on it).
+serve: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve \
+	  -m models:/msr-recommender@champion --env-manager local -h $(HOST) -p $(SERVE_PORT) -w $(SERVE_WORKERS)
+
+# The dashboard: code hidden, Jupyter token auth (MSR_DASHBOARD_TOKEN, or a fresh random token).
+dashboard: setup
+	@token=$${MSR_DASHBOARD_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
+	echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=$$token"; \
+	$(BIN)/voila nbs/dashboard.ipynb --no-browser --strip_sources=True --Voila.ip=$(HOST) --port=$(DASHBOARD_PORT) --token="$$token"
+
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py --runs 5
 	$(BIN)/python benchmarks/recommend.py --fits 3 --queries 1000
 	$(BIN)/python benchmarks/split_seeds.py --seeds 42 1 2 3 4
 	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
+	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3

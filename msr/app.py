@@ -114,7 +114,7 @@ def profile_figure(service: Service, answer: Answer):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_app.ipynb #63755a84
+# %% ../nbs/14_app.ipynb #3be2e5b8
 class Dashboard:
     "The msr dashboard: recommend and monitor tabs over a `Service`."
     def __init__(self, service: Service,  # answers the requests (and logs them if it has a monitor)
@@ -164,7 +164,8 @@ class Dashboard:
         self.monitor_plot = W.Output()
         for w, cls in [(self.go, "msr-go"), (self.playlist_pick, "msr-playlist"), (self.playlist_query, "msr-playlist-search"),
                        (self.track_query, "msr-track-search"), (self.track_hits, "msr-track-hits"), (self.status, "msr-status"),
-                       (self.results, "msr-results-box"), (self.monitor_summary, "msr-monitor-summary"), (self.k, "msr-k")]:
+                       (self.results, "msr-results-box"), (self.monitor_summary, "msr-monitor-summary"), (self.k, "msr-k"),
+                       (self.plot, "msr-profile-plot"), (self.monitor_plot, "msr-monitor-plot")]:
             w.add_class(cls)
         self.playlist_query.observe(lambda ch: self._filter_playlists(ch["new"]), names="value")
         self.track_find.on_click(lambda _: self._find_tracks())

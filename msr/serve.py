@@ -59,7 +59,7 @@ def parse_k(k) -> int:
     if not 1 <= int(k) <= MAX_K: raise BadRequest(f"k must be between 1 and {MAX_K}, got {int(k)}")
     return int(k)
 
-# %% ../nbs/13_serve.ipynb #1a2f3bc7
+# %% ../nbs/13_serve.ipynb #6e2bc904
 CARD_COLUMNS = ["track_name", "track_artist", "track_album_name"]  # what a result shows besides its id
 RESULT_COLUMNS = ["rank", TRACK_ID, "track_name", "track_artist", "url", "score", "reasons"]
 
@@ -100,7 +100,9 @@ class Service:
             if not p.exists(): raise FileNotFoundError(f"{p} not found: build it with `make run` (dvc repro)")
         return cls(load_recommender(model_path), pd.read_parquet(tracks_path), **kwargs)
 
-    def recommend(self, seeds, k=DEFAULT_K, source: str = "api") -> Answer:
+    def recommend(self, seeds, k=DEFAULT_K, source: str = "api",  # who asked (for the log)
+                  log: bool = True,  # append the answer to the monitoring log now
+                 ) -> Answer:
         "Up to `k` tracks that continue the playlist `seeds`; `BadRequest` for anything msr cannot answer."
         t0 = time.perf_counter()
         seeds, k = parse_seeds(seeds), parse_k(k)
@@ -122,12 +124,16 @@ class Service:
         answer = Answer(table, known, unknown, genre, self.profile.similarity(known, ids),
                         artist_diversity(table["track_artist"]) if "track_artist" in table else float("nan"),
                         self.model_version, time.perf_counter() - t0)
-        if self.monitor is not None:
-            self.monitor.record(source, self.model_version, known, ids, k, genre=genre, similarity=answer.similarity,
-                                diversity=answer.diversity, seconds=answer.seconds)
+        if log: self.log(answer, source)
         return answer
 
-# %% ../nbs/13_serve.ipynb #d4e5fa4b
+    def log(self, answer: Answer, source: str = "api"):
+        "Append an answer to the monitoring log (if the service has one)."
+        if self.monitor is None: return
+        self.monitor.record(source, answer.model_version, answer.seeds, answer.table[TRACK_ID].tolist(), len(answer.table),
+                            genre=answer.genre, similarity=answer.similarity, diversity=answer.diversity, seconds=answer.seconds)
+
+# %% ../nbs/13_serve.ipynb #fe32982b
 MODEL_NAME = "msr-recommender"  # the registered model
 CHAMPION, CHALLENGER = "champion", "challenger"  # registry aliases
 OUTPUT_COLUMNS = ["query"] + RESULT_COLUMNS + ["genre", "model_version"]
@@ -158,13 +164,14 @@ class MsrModel(mlflow.pyfunc.PythonModel):
         if df.empty: raise MlflowException.invalid_parameter_value("the request holds no query: send at least one row with 'seeds'")
         if len(df) > MAX_QUERIES:
             raise MlflowException.invalid_parameter_value(f"too many queries in one request: {len(df)} (at most {MAX_QUERIES})")
-        out = []
+        answers = []
         for i, row in enumerate(df.to_dict("records")):
-            try: a = self.service.recommend(row.get("seeds"), row.get("k"), source="rest")
+            try: answers.append(self.service.recommend(row.get("seeds"), row.get("k"), log=False))
             except BadRequest as e:
                 raise MlflowException.invalid_parameter_value(f"query {i}: {e}" if len(df) > 1 else str(e)) from None
-            out.append(a.table.assign(query=i, genre=a.genre, model_version=a.model_version))
-        return pd.concat(out, ignore_index=True)[OUTPUT_COLUMNS]
+        for a in answers: self.service.log(a, "rest")  # only once the whole request is answered
+        return pd.concat([a.table.assign(query=i, genre=a.genre, model_version=a.model_version) for i, a in enumerate(answers)],
+                         ignore_index=True)[OUTPUT_COLUMNS]
 
 # %% ../nbs/13_serve.ipynb #cebba4d1
 REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml"]

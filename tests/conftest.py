@@ -120,3 +120,71 @@ def set_params(project: Path, **sections):
     params = yaml.safe_load(path.read_text())
     for section, values in sections.items(): params[section] = {**params.get(section, {}), **values}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def free_port() -> int:
+    "A TCP port free on 127.0.0.1 right now."
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_project(songs, tmp_path_factory) -> Path:
+    """A project folder built from the real sample: tables, a fitted msr model and its evaluation, registered
+    as `msr-recommender` v1 (champion) in the folder's own MLflow store (sqlite, ./mlartifacts)."""
+    from msr.core import PLAYLIST_TRACKS, TRACKS
+    from msr.recommend import fit_recommender
+    from msr.transform import build_tables
+    root = tmp_path_factory.mktemp("served")
+    for f in ("params.yaml", "dvc.yaml"): shutil.copy2(ROOT / f, root / f)  # what marks a project root
+    rows = sample_rows(songs).dropna(subset=["track_name", "track_artist"])
+    tracks, playlist_tracks, _ = build_tables(rows)
+    for table, path in ((tracks, TRACKS), (playlist_tracks, PLAYLIST_TRACKS)):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(root / path, index=False)
+    fit_recommender(tracks, playlist_tracks, {"model": "msr"}).save(root / "data/models/recommender.pkl")
+    (root / "outputs/metrics").mkdir(parents=True)
+    (root / "outputs/metrics/recommend.json").write_text('{"msr": {"half": {"r_precision": 0.25}}}')
+    run([str(BIN / "python"), "-c", "from msr.serve import register; register()"], root,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "MSR_MONITOR_DB": "off"})
+    return root
+
+
+def served_env(project: Path, monitor_db: Path) -> dict:
+    "Environment for a server over `served_project`: its MLflow store, its monitoring log, .venv/bin on PATH."
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MSR_"))}
+    return {**base, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
+            "MSR_MONITOR_DB": str(monitor_db), "MSR_PROJECT_DIR": str(project)}
+
+
+def start_server(cmd: list[str], cwd: Path, env: dict, url: str, log: Path, timeout: float = 180):
+    "Start a server process (own process group) and wait until `url` answers (tcp://host:port: accepts); returns the Popen."
+    import time
+    import urllib.request
+    out = open(log, "wb")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if url.startswith("tcp://"):  # listening is enough
+                import socket
+                host, port = url[6:].split(":")
+                socket.create_connection((host, int(port)), timeout=2).close()
+                return proc
+            with urllib.request.urlopen(url, timeout=2): return proc
+        except Exception: time.sleep(0.5)
+    stop_server(proc)
+    raise AssertionError(f"{' '.join(cmd)} did not answer {url} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc):
+    "Stop a server started by `start_server`, children included."
+    import signal
+    try: os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError: return
+    try: proc.wait(timeout=20)
+    except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,120 @@
+"""The registered champion behind the real MLflow scoring server (`mlflow models serve`), over real HTTP."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.error
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from conftest import BIN, free_port, served_env, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def server(served_project, tmp_path_factory):
+    "`mlflow models serve -m models:/msr-recommender@champion --env-manager local` on 127.0.0.1, as `make serve` runs it."
+    logs = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    env = served_env(served_project, logs / "served.sqlite")
+    proc = start_server([str(BIN / "mlflow"), "models", "serve", "-m", "models:/msr-recommender@champion",
+                         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                        served_project, env, f"http://127.0.0.1:{port}/ping", logs / "server.log")
+    try: yield f"http://127.0.0.1:{port}", logs / "served.sqlite"
+    finally: stop_server(proc)
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict | str]:
+    "POST `body` (JSON-encoded unless bytes); return (status, parsed JSON or text)."
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/invocations", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r: status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e: status, text = e.code, e.read().decode()
+    try: return status, json.loads(text)
+    except json.JSONDecodeError: return status, text
+
+
+def playlist_seeds(project, n: int = 10) -> tuple[list[str], list[str]]:
+    "The first `n` tracks of the sample's largest playlist, and the rest of it."
+    pt = pd.read_parquet(project / "data/processed/playlist_tracks.parquet")
+    biggest = pt["playlist_id"].value_counts().index[0]
+    tracks = pt.loc[pt["playlist_id"] == biggest, "track_id"].tolist()
+    return tracks[:n], tracks[n:]
+
+
+def logged(db) -> pd.DataFrame:
+    with sqlite3.connect(db) as con: return pd.read_sql_query("select * from served order by id", con)
+
+
+def test_input_example_is_a_ready_request(server, served_project):
+    url, _ = server
+    example = next((served_project / "mlartifacts").rglob("serving_input_example.json"))
+    status, body = post(url, json.loads(example.read_text()))
+    assert status == 200, body
+    rows = pd.DataFrame(body["predictions"])
+    assert len(rows) == 10
+    assert rows["rank"].tolist() == list(range(1, 11))
+    assert rows["url"].str.startswith("https://open.spotify.com/track/").all()
+    assert rows["track_name"].notna().all() and rows["track_artist"].notna().all()
+    assert rows["reasons"].map(len).gt(0).all()
+    assert set(rows["model_version"]) == {"msr-recommender v1"}
+
+
+def test_playlist_queries(server, served_project):
+    url, db = server
+    before = len(logged(db)) if db.exists() else 0
+    seeds, rest = playlist_seeds(served_project)
+    status, body = post(url, {"dataframe_records": [{"seeds": seeds, "k": 25}, {"seeds": seeds[:2] + ["not-a-track"], "k": 7}]})
+    assert status == 200, body
+    rows = pd.DataFrame(body["predictions"])
+    assert rows.groupby("query").size().tolist() == [25, 7]
+    first = rows[rows["query"] == 0]
+    assert first["track_id"].is_unique and not set(first["track_id"]) & set(seeds)
+    assert first["score"].is_monotonic_decreasing
+    assert set(first["track_id"]) & set(rest), "none of the playlist's other tracks among 25 recommendations"
+    log = logged(db)
+    assert len(log) == before + 2  # one row per answered query
+    assert set(log["source"].iloc[-2:]) == {"rest"} and set(log["model"].iloc[-2:]) == {"msr-recommender v1"}
+    assert json.loads(log["seeds"].iloc[-1]) == seeds[:2]  # the unknown id is not a seed
+    assert log["similarity"].iloc[-2:].between(-1, 1).all()
+    status, body = post(url, {"dataframe_records": [{"seeds": seeds}]})
+    assert status == 200 and len(body["predictions"]) == 20  # k defaults to 20
+
+
+BAD = [
+    ({"dataframe_records": [{"k": 5}]}, 400, "missing inputs ['seeds']"),
+    ({"dataframe_records": [{"seeds": ["x"], "k": "ten"}]}, 400, "column k"),
+    ({"dataframe_records": [{"seeds": "5ZULALImTm80tzUbYQYM9d", "k": 5}]}, 400, "column seeds"),
+    ({"dataframe_records": [{"seeds": ["not-a-track", "nor-this"], "k": 5}]}, 400, "none of the 2 seed track ids is in msr's catalogue"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 0}]}, 400, "k must be between 1 and 500, got 0"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 501}]}, 400, "k must be between 1 and 500, got 501"),
+    ({"dataframe_records": [{"seeds": ["SEED"] * 1001, "k": 5}]}, 400, "too many seeds: 1001"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 5}] * 65}, 400, "too many queries in one request: 65"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 5}, {"seeds": ["nope"], "k": 5}]}, 400, "query 1: none of the 1 seed"),
+    (b'{"dataframe_records": [{"seeds": [', 400, "valid JSON"),
+    ({"records": []}, 400, "dataframe_records"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD, ids=[
+    "missing-seeds", "k-not-a-number", "seeds-a-string", "only-unknown-ids", "k-zero", "k-too-big", "too-many-seeds",
+    "too-many-queries", "one-bad-query", "malformed-json", "unknown-format"])
+def test_bad_request_names_the_problem(server, served_project, body, status, message):
+    url, db = server
+    seed = playlist_seeds(served_project)[0][0]
+    if not isinstance(body, bytes): body = json.loads(json.dumps(body).replace("SEED", seed))
+    before = len(logged(db)) if db.exists() else 0
+    got, answer = post(url, body)
+    assert got == status, answer
+    assert message in (answer["message"] if isinstance(answer, dict) else answer), answer
+    assert (len(logged(db)) if db.exists() else 0) == before  # refused requests are not logged as served
+    ok, _ = post(url, {"dataframe_records": [{"seeds": [seed], "k": 3}]})
+    assert ok == 200  # and the server keeps serving
+
+
+def test_wrong_content_type(server):
+    url, _ = server
+    status, answer = post(url, b"seeds=x", content_type="application/x-www-form-urlencoded")
+    assert status == 415 and "content types" in answer
