@@ -14,7 +14,7 @@ from .core import PLAYLIST_ID, TRACK_ID
 from .metrics import METRICS, recall_at
 
 # %% auto #0
-__all__ = ['fit_playlists', 'iter_queries', 'evaluate_model', 'summarize', 'recall_curve']
+__all__ = ['CURVE_KS', 'fit_playlists', 'iter_queries', 'evaluate_model', 'summarize', 'recall_curve']
 
 # %% ../nbs/08_evaluate.ipynb #db359a35
 def fit_playlists(playlist_tracks: pd.DataFrame,  # all (playlist, track) rows
@@ -35,19 +35,23 @@ def iter_queries(queries: pd.DataFrame, split: str = "test"):
         yield setting, pid, seeds, set(g.loc[g["role"] == "heldout", TRACK_ID])
 
 # %% ../nbs/08_evaluate.ipynb #06a21ea7
+CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500)  # cut-offs of the recall curve
+
 def evaluate_model(model,  # anything with recommend(seed_track_ids, k)
                    queries: pd.DataFrame,  # from `msr.transform.make_queries`
                    split: str = "test",  # which split's queries to score
                    k: int = 500,  # recommendations asked per query (the challenge's list length)
+                   curve_ks=CURVE_KS,  # also recall@c for these cut-offs (≤ k), for `recall_curve`
                   ) -> pd.DataFrame:
-    "One row per query: setting, playlist_id, every metric in `METRICS`, and the latency in ms."
+    "One row per query: setting, playlist_id, every metric in `METRICS`, recall@c for the curve, and the latency in ms."
     rows = []
     for setting, pid, seeds, heldout in iter_queries(queries, split):
         t0 = time.perf_counter()
         recs = model.recommend(seeds, k=k)
         ms = (time.perf_counter() - t0) * 1000
         rows.append({"setting": setting, PLAYLIST_ID: pid, "seeds": len(seeds), "heldout": len(heldout),
-                     **{name: m(recs, heldout) for name, m in METRICS.items()}, "latency_ms": ms})
+                     **{name: m(recs, heldout) for name, m in METRICS.items()},
+                     **{f"recall@{c}": recall_at(recs, heldout, c) for c in curve_ks if c <= k}, "latency_ms": ms})
     if not rows: raise ValueError(f"no {split} queries to evaluate: check transform.min_tracks and the split sizes")
     return pd.DataFrame(rows)
 
@@ -58,12 +62,10 @@ def summarize(per_query: pd.DataFrame,  # rows from `evaluate_model`, with a `mo
     agg["queries"] = per_query.groupby(["model", "setting"]).size()
     return agg
 
-def recall_curve(model, queries: pd.DataFrame, split: str = "test", setting: str | None = None,
-                 ks=(1, 5, 10, 20, 50, 100, 200, 500)) -> pd.Series:
-    "Mean recall@k over one setting's queries, for each k in `ks`."
-    out = {k: [] for k in ks}
-    for s, _, seeds, heldout in iter_queries(queries, split):
-        if setting and s != setting: continue
-        recs = model.recommend(seeds, k=max(ks))
-        for k in ks: out[k].append(recall_at(recs, heldout, k))
-    return pd.Series({k: float(np.mean(v)) for k, v in out.items()}, name="recall")
+def recall_curve(per_query: pd.DataFrame,  # rows from `evaluate_model` (one model's)
+                 setting: str | None = None,  # only this query setting
+                ) -> pd.Series:
+    "Mean recall@k over one setting's queries for each cut-off `evaluate_model` recorded (no second round of recommendations)."
+    rows = per_query if setting is None else per_query[per_query["setting"] == setting]
+    cols = [c for c in per_query.columns if c.startswith("recall@")]
+    return pd.Series({int(c.split("@")[1]): float(rows[c].mean()) for c in cols}, name="recall")

@@ -325,17 +325,21 @@ class MsrRecommender(Recommender):
         order = _top(scores, len(scores))
         return cands[order], F[order], scores[order], g
 
-    def _rank(self, seeds, n):
-        ranked = self._scored(seeds)[0][:n]
-        if len(ranked) < n:  # too few candidates: continue with the most played tracks
-            ranked = np.concatenate([ranked, self.stats_.fill[:n + len(ranked) + len(seeds)]])
+    def _extend(self, ranked: np.ndarray, seeds: np.ndarray, n: int) -> np.ndarray:
+        "Too few candidates: continue with the most played tracks."
+        if len(ranked) < n: ranked = np.concatenate([ranked, self.stats_.fill[:n + len(ranked) + len(seeds)]])
         return ranked
 
+    def _rank(self, seeds, n):
+        return self._extend(self._scored(seeds)[0][:n], seeds, n)
+
     def recommend_explained(self, seed_track_ids, k: int = 20) -> pd.DataFrame:
-        "The recommendations as a table: track_id, score and the main reasons, best first."
-        ids = self.recommend(seed_track_ids, k)
+        "The same tracks as `recommend`, as a table: track_id, score and the main reasons, best first."
+        self._check_k(k)
         seeds = self.seed_indices(seed_track_ids)
-        cands, F, scores, g = self._scored(seeds)
+        cands, F, scores, g = self._scored(seeds)  # scored once, for the ranking and the reasons
+        n = min(int(k) + len(seeds), len(self.track_ids_))
+        ids = self.track_ids_[self._finish(self._extend(cands[:n], seeds, n), seeds, k)].tolist()
         where = {t: i for i, t in enumerate(cands)}
         rows = []
         for t in ids:

@@ -58,17 +58,25 @@ class Recommender:
                  ) -> list[str]:
         "Up to `k` track ids that continue the playlist, best first."
         if not hasattr(self, "index_"): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        self._check_k(k)
         seeds = self.seed_indices(seed_track_ids)
         ranked = self._rank(seeds, min(int(k) + len(seeds), len(self.track_ids_)))
+        return self.track_ids_[self._finish(ranked, seeds, k)].tolist()
+
+    @staticmethod
+    def _check_k(k):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+
+    @staticmethod
+    def _finish(ranked, seeds: np.ndarray, k: int) -> np.ndarray:
+        "The first `k` of `ranked` (catalogue indices), without duplicates and without seeds, best first."
         ranked = np.asarray(ranked, dtype=np.int64)
         _, first = np.unique(ranked, return_index=True)
         ranked = ranked[np.sort(first)]  # no duplicates, best first
         sorted_seeds = np.sort(seeds)
         pos = np.searchsorted(sorted_seeds, ranked).clip(max=len(seeds) - 1)
-        ranked = ranked[sorted_seeds[pos] != ranked][:k]  # never a seed
-        return self.track_ids_[ranked].tolist()
+        return ranked[sorted_seeds[pos] != ranked][:k]  # never a seed
 
     def _fit(self, tracks: pd.DataFrame, playlist_tracks: pd.DataFrame): pass
     def _rank(self, seeds: np.ndarray, n: int) -> np.ndarray: raise NotImplementedError

@@ -59,7 +59,7 @@ def parse_k(k) -> int:
     if not 1 <= int(k) <= MAX_K: raise BadRequest(f"k must be between 1 and {MAX_K}, got {int(k)}")
     return int(k)
 
-# %% ../nbs/13_serve.ipynb #6e2bc904
+# %% ../nbs/13_serve.ipynb #f1473277
 CARD_COLUMNS = ["track_name", "track_artist", "track_album_name"]  # what a result shows besides its id
 RESULT_COLUMNS = ["rank", TRACK_ID, "track_name", "track_artist", "url", "score", "reasons"]
 
@@ -70,7 +70,7 @@ def spotify_url(track_id: str) -> str:
 @dataclass
 class Answer:
     "Recommendations for one playlist, with what the dashboard and the monitoring log need."
-    table: pd.DataFrame  # RESULT_COLUMNS, best first
+    rows: list  # one dict per result (RESULT_COLUMNS), best first
     seeds: list  # the seeds the model knew
     unknown: list  # seeds it did not know (ignored)
     genre: str | None  # the genre the model read from the seeds
@@ -78,6 +78,15 @@ class Answer:
     diversity: float  # share of distinct artists among the results
     model_version: str  # which model answered
     seconds: float = 0.0  # time to answer
+
+    @property
+    def table(self) -> pd.DataFrame:
+        "The results as a DataFrame (RESULT_COLUMNS)."
+        return pd.DataFrame(self.rows, columns=RESULT_COLUMNS)
+
+    @property
+    def track_ids(self) -> list:
+        return [r[TRACK_ID] for r in self.rows]
 
 class Service:
     "A fitted recommender with the catalogue's names and audio profile; logs every answer it gives."
@@ -88,7 +97,8 @@ class Service:
                 ):
         if not hasattr(model, "index_"): raise ValueError(f"{type(model).__name__} is not fitted")
         self.model, self.model_version, self.monitor = model, model_version, monitor
-        self.cards = tracks.set_index(TRACK_ID)[[c for c in CARD_COLUMNS if c in tracks]]
+        cols = [tracks[c].astype(object).where(tracks[c].notna(), None) if c in tracks else [None] * len(tracks) for c in CARD_COLUMNS[:2]]
+        self.cards = dict(zip(tracks[TRACK_ID], zip(*cols)))  # track_id -> (name, artist): plain dict lookups per answer
         self.profile = AudioProfile(tracks, [c for c in AUDIO_FEATURES if c in tracks])
 
     @classmethod
@@ -106,34 +116,35 @@ class Service:
         "Up to `k` tracks that continue the playlist `seeds`; `BadRequest` for anything msr cannot answer."
         t0 = time.perf_counter()
         seeds, k = parse_seeds(seeds), parse_k(k)
-        known = [s for s in dict.fromkeys(seeds) if s in self.model.index_]
-        unknown = [s for s in dict.fromkeys(seeds) if s not in self.model.index_]
+        index = self.model.index_
+        unique = list(dict.fromkeys(seeds))
+        known, unknown = [s for s in unique if s in index], [s for s in unique if s not in index]
         if not known:
             shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
             raise BadRequest(f"none of the {len(unknown)} seed track ids is in msr's catalogue ({shown})")
-        if hasattr(self.model, "recommend_explained"): table = self.model.recommend_explained(known, k)
-        else: table = pd.DataFrame({TRACK_ID: self.model.recommend(known, k), "score": np.nan})
-        genre = table.attrs.get("genre")
-        table = table.reset_index(drop=True)
-        if "reasons" not in table or table["reasons"].isna().all(): table["reasons"] = [[] for _ in range(len(table))]
-        cards = self.cards.reindex(table[TRACK_ID])
-        for c in cards: table[c] = cards[c].to_numpy()
-        table["rank"], table["url"] = np.arange(1, len(table) + 1), table[TRACK_ID].map(spotify_url)
-        table = table[[c for c in RESULT_COLUMNS if c in table]]
-        ids = table[TRACK_ID].tolist()
-        answer = Answer(table, known, unknown, genre, self.profile.similarity(known, ids),
-                        artist_diversity(table["track_artist"]) if "track_artist" in table else float("nan"),
-                        self.model_version, time.perf_counter() - t0)
+        genre = None
+        if hasattr(self.model, "recommend_explained"):
+            t = self.model.recommend_explained(known, k)
+            ids, scores, reasons, genre = t[TRACK_ID].tolist(), t["score"].tolist(), t["reasons"].tolist(), t.attrs.get("genre")
+        else:  # a baseline: no scores, no reasons
+            ids = self.model.recommend(known, k)
+            scores, reasons = [float("nan")] * len(ids), [[] for _ in ids]
+        none = (None, None)
+        rows = [{"rank": r, TRACK_ID: t, "track_name": self.cards.get(t, none)[0], "track_artist": self.cards.get(t, none)[1],
+                 "url": spotify_url(t), "score": s, "reasons": list(why)}
+                for r, (t, s, why) in enumerate(zip(ids, scores, reasons), 1)]
+        answer = Answer(rows, known, unknown, genre, self.profile.similarity(known, ids),
+                        artist_diversity(r["track_artist"] for r in rows), self.model_version, time.perf_counter() - t0)
         if log: self.log(answer, source)
         return answer
 
     def log(self, answer: Answer, source: str = "api"):
         "Append an answer to the monitoring log (if the service has one)."
         if self.monitor is None: return
-        self.monitor.record(source, answer.model_version, answer.seeds, answer.table[TRACK_ID].tolist(), len(answer.table),
+        self.monitor.record(source, answer.model_version, answer.seeds, answer.track_ids, len(answer.rows),
                             genre=answer.genre, similarity=answer.similarity, diversity=answer.diversity, seconds=answer.seconds)
 
-# %% ../nbs/13_serve.ipynb #fe32982b
+# %% ../nbs/13_serve.ipynb #0d3f4d9c
 MODEL_NAME = "msr-recommender"  # the registered model
 CHAMPION, CHALLENGER = "champion", "challenger"  # registry aliases
 OUTPUT_COLUMNS = ["query"] + RESULT_COLUMNS + ["genre", "model_version"]
@@ -158,8 +169,8 @@ class MsrModel(mlflow.pyfunc.PythonModel):
                                           model_version=_version_label(context.artifacts["recommender"]),
                                           monitor=MonitorLog(path) if path else None)
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        "One block of ranked tracks per input row; HTTP 400 with the reason for a bad request."
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
+        "One record per recommended track (OUTPUT_COLUMNS), query by query; HTTP 400 with the reason for a bad request."
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if df.empty: raise MlflowException.invalid_parameter_value("the request holds no query: send at least one row with 'seeds'")
         if len(df) > MAX_QUERIES:
@@ -170,8 +181,8 @@ class MsrModel(mlflow.pyfunc.PythonModel):
             except BadRequest as e:
                 raise MlflowException.invalid_parameter_value(f"query {i}: {e}" if len(df) > 1 else str(e)) from None
         for a in answers: self.service.log(a, "rest")  # only once the whole request is answered
-        return pd.concat([a.table.assign(query=i, genre=a.genre, model_version=a.model_version) for i, a in enumerate(answers)],
-                         ignore_index=True)[OUTPUT_COLUMNS]
+        # plain records: the scoring server writes them as they are (a DataFrame costs milliseconds more per request)
+        return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version} for i, a in enumerate(answers) for r in a.rows]
 
 # %% ../nbs/13_serve.ipynb #cebba4d1
 REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml"]

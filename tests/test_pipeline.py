@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run, set_params
 
-STAGES = ["ingest", "validate", "transform", "genre", "clusters", "train", "evaluate"]
+STAGES = ["ingest", "validate", "transform", "genre", "clusters", "train", "evaluate", "register"]
 
 
 def ran(p) -> set[str]:
@@ -91,6 +91,11 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert list((project / "mlartifacts").glob(f"*/{runs['evaluate']}/artifacts/report/evaluate.ipynb")) or \
         list((project / "mlartifacts").glob(f"{runs['evaluate']}/artifacts/report/evaluate.ipynb"))
 
+    # register: the first version is the champion, loadable from the registry
+    decision = json.loads((project / "outputs/metrics/register.json").read_text())
+    assert decision == {"version": 1, "champion": 1, "promoted": True, "score": table["msr"]["half"]["r_precision"]}
+    assert db.execute("select alias, version from registered_model_aliases where name='msr-recommender'").fetchall() == [("champion", 1)]
+
     # an immediate second run executes nothing
     second = run(["dvc", "repro"], project)
     assert ran(second) == set(), second.stdout
@@ -98,7 +103,12 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     # one changed parameter re-runs that stage and those downstream of it, nothing else
     set_params(project, clusters={"random_state": 7})
     third = run(["dvc", "repro"], project)
-    assert ran(third) == {"clusters", "evaluate"}, third.stdout
+    assert ran(third) == {"clusters", "evaluate", "register"}, third.stdout
+    # the same msr model scores the same: registered as v2, but the champion stays v1 (challenger/champion)
+    decision = json.loads((project / "outputs/metrics/register.json").read_text())
+    assert (decision["version"], decision["champion"], decision["promoted"]) == (2, 1, False)
+    aliases = dict(sqlite3.connect(project / "mlflow.db").execute("select alias, version from registered_model_aliases"))
+    assert aliases == {"champion": 1, "challenger": 2}
 
     # bad input to ingest: clear error, the good raw data and everything after it unchanged
     raw, songs_out = project / "data/raw/spotify_songs.csv", project / "data/interim/songs.parquet"
