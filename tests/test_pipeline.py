@@ -103,8 +103,13 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     # one changed parameter re-runs that stage and those downstream of it, nothing else
     set_params(project, clusters={"random_state": 7})
     third = run(["dvc", "repro"], project)
-    assert ran(third) == {"clusters", "evaluate", "register"}, third.stdout
-    # the same msr model scores the same: registered as v2, but the champion stays v1 (challenger/champion)
+    assert ran(third) == {"clusters", "evaluate"}, third.stdout
+
+    # a new version that does not beat the champion by register.min_gain is registered, tagged challenger,
+    # and the champion stays (only the register stage re-runs)
+    set_params(project, register={"min_gain": 1.0})
+    fourth = run(["dvc", "repro"], project)
+    assert ran(fourth) == {"register"}, fourth.stdout
     decision = json.loads((project / "outputs/metrics/register.json").read_text())
     assert (decision["version"], decision["champion"], decision["promoted"]) == (2, 1, False)
     aliases = dict(sqlite3.connect(project / "mlflow.db").execute("select alias, version from registered_model_aliases"))
