@@ -1,0 +1,167 @@
+"""msr.spotify against a fake Spotify Web API, token endpoint and features provider on 127.0.0.1,
+through the real spotipy client over real HTTP."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pandas as pd
+import pytest
+
+from fake_spotify import CLIENT_ID, CLIENT_SECRET, USER_TOKEN, serve, track
+from msr.core import AUDIO_FEATURES
+from msr.spotify import (BadCredentials, Caller, FeatureChain, NotConfigured, NotFound, NotPermitted, PrivateTokenCache,
+                         RateLimited, SpotifySettings, SpotifyUnavailable, app_client, import_playlist, user_client)
+
+PID = "3cEYpjA9oz9GiPac4AsH4n"
+EDITORIAL = "37i9dQZF1DXcBWIGoYBM5M"
+
+
+@pytest.fixture()
+def spotify(tmp_path):
+    "(fake state, settings pointing at the fake, a logged-in user client, a Caller that really sleeps but briefly)."
+    server, url = serve(roles=("api", "token"))
+    settings = SpotifySettings(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, api_url=f"{url}/v1/",
+                               token_url=f"{url}/api/token", authorize_url=f"{url}/authorize",
+                               read_timeout=1.0, connect_timeout=1.0, max_retries=3, max_wait=5, max_retry_after=3,
+                               backoff=0.05, cache_dir=tmp_path / "tokens")
+    # a person who logged in before: their token is in their private cache file
+    PrivateTokenCache("alice", settings.cache_dir).save_token_to_cache(
+        {"access_token": USER_TOKEN, "token_type": "Bearer", "expires_in": 3600, "expires_at": int(time.time()) + 3600,
+         "scope": "playlist-read-private playlist-read-collaborative", "refresh_token": "refresh-DO-NOT-LEAK"})
+    client = user_client("alice", settings)
+    try: yield server.fake, settings, client, Caller(settings, seed=0)
+    finally: server.shutdown(); server.server_close()
+
+
+def test_import_pages_through_a_whole_playlist(spotify):
+    fake, settings, client, call = spotify
+    fake.playlists[PID] = [{"item": track(i)} for i in range(123)]
+    got = import_playlist(client, f"https://open.spotify.com/intl-de/playlist/{PID}?si=abc", call)
+    assert got.track_ids == [f"{i:022d}" for i in range(123)]
+    pages = [p for m, p in fake.requests if p.startswith(f"/v1/playlists/{PID}/items")]
+    assert len(pages) == 3 and all("limit=50" in p for p in pages)  # 50 a page, the 2026 maximum
+    assert got.tracks["track_artist"].iloc[1] == "artist 1"
+
+
+def test_skips_local_files_episodes_and_null_tracks(spotify):
+    fake, _, client, call = spotify
+    fake.playlists[PID] = [{"item": track(1)}, {"is_local": True, "item": track(2, id=None, is_local=True)},
+                           {"item": None}, {"item": {"id": "e" * 22, "type": "episode", "name": "a podcast"}}, {"track": track(3)}]
+    got = import_playlist(client, f"spotify:playlist:{PID}", call)
+    assert got.track_ids == [f"{1:022d}", f"{3:022d}"]  # the pre-2026 'track' field is read too
+    assert got.skipped == {"local files": 1, "episodes": 1, "unavailable tracks": 1}
+
+
+def test_empty_playlist_and_only_local_files(spotify):
+    fake, _, client, call = spotify
+    fake.playlists[PID] = []
+    assert import_playlist(client, PID, call).track_ids == []
+    fake.playlists[PID] = [{"is_local": True, "item": track(i, id=None, is_local=True)} for i in range(4)]
+    only_local = import_playlist(client, PID, call)
+    assert only_local.track_ids == [] and only_local.skipped == {"local files": 4}
+    assert "skipped: 4 local files" in only_local.summary()
+
+
+def test_playlist_not_owned_and_editorial(spotify):
+    fake, _, client, call = spotify
+    fake.playlists[PID] = [{"item": track(1)}]
+    fake.not_owned.add(PID)
+    with pytest.raises(NotPermitted, match="not yours"): import_playlist(client, PID, call)
+    with pytest.raises(NotFound, match="editorial"): import_playlist(client, EDITORIAL, call)
+    assert sum(p.startswith(f"/v1/playlists/{PID}") for _, p in fake.requests) == 1  # no retries of a 403
+
+
+def test_bad_credentials(spotify):
+    fake, settings, client, call = spotify
+    wrong = SpotifySettings(**{**settings.__dict__, "client_secret": "wrong-secret"})
+    with pytest.raises(BadCredentials, match="SPOTIFY_CLIENT_ID / SPOTIFY_CLIENT_SECRET") as e:
+        call(app_client(wrong).search, "genre:pop", limit=10, type="track")
+    assert "wrong-secret" not in str(e.value)
+    fake.tokens.discard(USER_TOKEN)  # the user's token was revoked
+    fake.playlists[PID] = [{"item": track(1)}]
+    with pytest.raises(BadCredentials, match="log in again"): import_playlist(client, PID, call)
+    ok = app_client(settings)  # the right credentials: a real client-credentials exchange with the token endpoint
+    assert call(ok.search, "genre:pop", limit=10, type="track")["tracks"]["limit"] == 10
+    with pytest.raises(NotConfigured, match="SPOTIFY_CLIENT_SECRET"):
+        app_client(SpotifySettings(client_id=CLIENT_ID, client_secret=None))
+
+
+def test_rate_limits(spotify):
+    fake, _, client, call = spotify
+    fake.playlists[PID] = [{"item": track(1)}]
+    path = f"/v1/playlists/{PID}/items"
+    fake.fail(path, (429, {"Retry-After": "1"}, None))
+    t0 = time.time()
+    assert len(import_playlist(client, PID, call).track_ids) == 1
+    assert 1.0 <= time.time() - t0 < 3  # waited as asked, once
+    fake.fail(path, (429, {"Retry-After": "86400"}, None))
+    t0 = time.time()
+    with pytest.raises(RateLimited, match="asks to wait 86400 s") as e: import_playlist(client, PID, call)
+    assert e.value.retry_after == 86400 and time.time() - t0 < 2  # an absurd Retry-After is not waited for
+
+
+def test_server_errors(spotify):
+    fake, _, client, call = spotify
+    fake.playlists[PID] = [{"item": track(1)}]
+    path = f"/v1/playlists/{PID}/items"
+    fake.fail(path, *[(503, {}, None)] * 3)
+    assert len(import_playlist(client, PID, call).track_ids) == 1  # a burst of 5xx is ridden out
+    fake.fail(path, *[(502, {}, None)] * 10)
+    with pytest.raises(SpotifyUnavailable, match=r"HTTP 502\) after 4 attempts"): import_playlist(client, PID, call)
+
+
+def test_timeouts_and_malformed_json(spotify):
+    fake, _, client, call = spotify
+    fake.playlists[PID] = [{"item": track(1)}]
+    path = f"/v1/playlists/{PID}/items"
+    fake.fail(path, *[("sleep", 1.5)] * 4)  # longer than read_timeout (1 s), four times
+    with pytest.raises(SpotifyUnavailable, match="timed out"): import_playlist(client, PID, call)
+    fake.failures.clear()
+    fake.fail(path, *[(200, {}, b"{not json")] * 4)
+    with pytest.raises(SpotifyUnavailable, match="malformed"): import_playlist(client, PID, call)
+
+
+def test_feature_chain_over_http(spotify, tmp_path):
+    fake, settings, client, call = spotify
+    provider, purl = serve(roles=("provider",))
+    try:
+        ids = [f"{i:022d}" for i in range(90)]
+        values = {c: 0.5 for c in AUDIO_FEATURES}
+        provider.fake.features_provider = {sid: values for sid in ids[10:80]}  # the provider knows 70 of them
+        catalogue = pd.DataFrame({"track_id": ids[:10], **{c: [0.1] * 10 for c in AUDIO_FEATURES}})
+        chain = FeatureChain(catalogue, provider_url=purl, spotify=client, caller=call)
+        feats, report = chain.features(ids)
+        assert (report["catalogue"], report["provider"], report["spotify"]) == (10, 70, 0)
+        assert report["missing"] == ids[80:]  # reported, not zero-filled
+        assert len(feats) == 80 and not feats.isna().any().any()
+        assert feats.loc[ids[0], "energy"] == 0.1 and feats.loc[ids[50], "energy"] == 0.5
+        batches = [p for _, p in provider.fake.requests]
+        assert len(batches) == 2  # 80 unknown ids, 40 per request
+        assert "not available to this app" in report["disabled"]["spotify"]  # the 403 of /audio-features
+        before = len(fake.requests)
+        chain.features([f"{i:022d}" for i in range(200, 210)])
+        assert not any("audio-features" in p for _, p in fake.requests[before:])  # switched off for the session
+    finally:
+        provider.shutdown(); provider.server_close()
+
+
+def test_no_secret_or_token_in_logs_or_errors(spotify, caplog):
+    fake, settings, client, call = spotify
+    caplog.set_level(logging.DEBUG)
+    fake.playlists[PID] = [{"item": track(i)} for i in range(60)]
+    errors = []
+    import_playlist(client, PID, call)
+    app = app_client(settings)
+    call(app.search, "genre:rock", limit=10, type="track")
+    for setup in (lambda: fake.not_owned.add(PID), lambda: fake.fail(f"/v1/playlists/{PID}/items", (429, {"Retry-After": "999"}, None))):
+        setup()
+        try: import_playlist(client, PID, call)
+        except Exception as e: errors.append(repr(e) + str(e))
+    try: app_client(SpotifySettings(**{**settings.__dict__, "client_id": "another-app", "client_secret": CLIENT_SECRET + "x"})).search("x", limit=1)
+    except Exception as e: errors.append(repr(e) + str(e))
+    text = caplog.text + "\n".join(errors) + repr(settings)
+    assert len(errors) == 3
+    for secret in (CLIENT_SECRET, USER_TOKEN, "app-token-DO-NOT-LEAK", "refresh-DO-NOT-LEAK"):
+        assert secret not in text, secret
+    assert not list(settings.cache_dir.parent.glob(".cache*")) and not (settings.cache_dir.parent.parent / ".cache").exists()
