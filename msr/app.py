@@ -76,7 +76,7 @@ def track_label(row) -> str:
     "'Title — Artist' for pickers."
     return f"{row['track_name']} — {row['track_artist']}"
 
-# %% ../nbs/14_app.ipynb #ce7a4db7
+# %% ../nbs/14_app.ipynb #3c79a63b
 def results_html(answer: Answer) -> str:
     "The answer as an HTML table: rank, title (linked), artist, score, reasons."
     rows = []
@@ -95,6 +95,7 @@ def summary_html(answer: Answer) -> str:
              f"predicted genre: <b>{html.escape(str(answer.genre or 'n/a'))}</b>",
              f"similarity to the playlist: {answer.similarity:.2f}", f"artist diversity: {answer.diversity:.2f}",
              f"model: <span class='msr-model'>{html.escape(answer.model_version)}</span>", f"{answer.seconds * 1000:.0f} ms"]
+    if answer.imported is not None: parts.insert(0, html.escape(answer.imported.summary()))
     if answer.unknown: parts.append(f"{len(answer.unknown)} seed(s) not in the catalogue were ignored")
     return " · ".join(parts)
 
@@ -114,7 +115,7 @@ def profile_figure(service: Service, answer: Answer):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_app.ipynb #3be2e5b8
+# %% ../nbs/14_app.ipynb #ae490c40
 class Dashboard:
     "The msr dashboard: recommend and monitor tabs over a `Service`."
     def __init__(self, service: Service,  # answers the requests (and logs them if it has a monitor)
@@ -145,7 +146,12 @@ class Dashboard:
 
     def _build(self):
         lay = W.Layout(width="520px")
-        self.mode = W.ToggleButtons(options=["Dataset playlist", "Pick tracks"], description="Start from")
+        self.mode = W.ToggleButtons(options=["Dataset playlist", "Pick tracks", "Spotify link"], description="Start from")
+        self.spotify_link = W.Text(placeholder="https://open.spotify.com/playlist/…", description="Link", layout=lay)
+        self.spotify_box = W.VBox([self.spotify_link, W.HTML(
+            "<small>A playlist you own or collaborate on (Spotify's rule for apps since 2026). Needs SPOTIFY_CLIENT_ID "
+            "in msr's environment and one <code>msr-spotify login</code>.</small>")])
+        self.spotify_box.layout.display = "none"
         self.playlist_query = W.Text(placeholder="type part of a playlist name", description="Search", layout=lay)
         self.playlist_pick = W.Select(options=self._playlist_options(""), rows=8, description="Playlist", layout=lay)
         self.track_query = W.Text(placeholder="title or artist, then Enter or Find", description="Search", layout=lay)
@@ -163,7 +169,7 @@ class Dashboard:
         self.monitor_summary = W.HTML()
         self.monitor_plot = W.Output()
         for w, cls in [(self.go, "msr-go"), (self.playlist_pick, "msr-playlist"), (self.playlist_query, "msr-playlist-search"),
-                       (self.track_query, "msr-track-search"), (self.track_hits, "msr-track-hits"), (self.status, "msr-status"),
+                       (self.track_query, "msr-track-search"), (self.spotify_link, "msr-spotify-link"), (self.track_hits, "msr-track-hits"), (self.status, "msr-status"),
                        (self.results, "msr-results-box"), (self.monitor_summary, "msr-monitor-summary"), (self.k, "msr-k"),
                        (self.plot, "msr-profile-plot"), (self.monitor_plot, "msr-monitor-plot")]:
             w.add_class(cls)
@@ -182,7 +188,8 @@ class Dashboard:
         self.mode.observe(self._switch, names="value")
         header = W.HTML(f"<h2>msr — continue a playlist</h2><p>{len(self.tracks):,} tracks · {len(self.playlists):,} playlists · "
                         f"model <b class='msr-model-header'>{html.escape(self.service.model_version)}</b></p>")
-        recommend = W.VBox([self.mode, self.playlist_box, self.track_box, self.k, self.go, self.status, self.results, self.plot])
+        recommend = W.VBox([self.mode, self.playlist_box, self.track_box, self.spotify_box, self.k, self.go, self.status,
+                            self.results, self.plot])
         monitor = W.VBox([self.monitor_refresh, self.monitor_summary, self.monitor_plot])
         self.tabs = W.Tab(children=[recommend, monitor], titles=["Recommend", "Monitor"])
         self.tabs.observe(lambda ch: ch["new"] == 1 and self.refresh_monitor(), names="selected_index")
@@ -196,9 +203,8 @@ class Dashboard:
         self.playlist_pick.options = self._playlist_options(query)
 
     def _switch(self, change):
-        dataset = change["new"] == "Dataset playlist"
-        self.playlist_box.layout.display = None if dataset else "none"
-        self.track_box.layout.display = "none" if dataset else None
+        for box, mode in ((self.playlist_box, "Dataset playlist"), (self.track_box, "Pick tracks"), (self.spotify_box, "Spotify link")):
+            box.layout.display = None if change["new"] == mode else "none"
 
     def _find_tracks(self):
         hits = search_tracks(self.tracks, self.track_query.value)
@@ -236,7 +242,11 @@ class Dashboard:
         self.go.disabled = True
         self._say("recommending…")
         try:
-            self.answer = self.service.recommend(self.seeds(), self.k.value, source="dashboard")
+            if self.mode.value == "Spotify link":
+                self._say("reading the playlist from Spotify…")
+                self.answer = self.service.recommend(k=self.k.value, source="dashboard", playlist_url=self.spotify_link.value)
+            else:
+                self.answer = self.service.recommend(self.seeds(), self.k.value, source="dashboard")
         except (BadRequest, ValueError) as e:
             self.results.value = ""; self.plot.clear_output()
             self._say(str(e), error=True); return None

@@ -24,10 +24,11 @@ import requests
 from .core import AUDIO_FEATURES, TRACK_ID
 
 # %% auto #0
-__all__ = ['EDITORIAL_PREFIX', 'USER_SCOPES', 'PROVIDER_BATCH', 'SPOTIFY_FEATURES_BATCH', 'SpotifyError', 'NotConfigured',
-           'BadCredentials', 'NotPermitted', 'NotFound', 'RateLimited', 'SpotifyUnavailable', 'BadPlaylistLink',
-           'parse_playlist_id', 'default_cache_dir', 'SpotifySettings', 'PrivateTokenCache', 'retry_after', 'Caller',
-           'redact_secrets', 'app_client', 'user_client', 'ImportedPlaylist', 'import_playlist', 'FeatureChain']
+__all__ = ['EDITORIAL_PREFIX', 'USER_SCOPES', 'PROVIDER_BATCH', 'SPOTIFY_FEATURES_BATCH', 'DEFAULT_USER', 'SpotifyError',
+           'NotConfigured', 'BadCredentials', 'NotPermitted', 'NotFound', 'RateLimited', 'SpotifyUnavailable',
+           'BadPlaylistLink', 'parse_playlist_id', 'default_cache_dir', 'SpotifySettings', 'PrivateTokenCache',
+           'retry_after', 'Caller', 'redact_secrets', 'app_client', 'user_client', 'ImportedPlaylist',
+           'import_playlist', 'FeatureChain', 'playlist_seeds', 'main']
 
 # %% ../nbs/15_spotify.ipynb #c1ae0d5a
 class SpotifyError(RuntimeError):
@@ -78,7 +79,7 @@ def parse_playlist_id(text: str) -> str:
     raise BadPlaylistLink(f"{shown!r} is {kind}: expected https://open.spotify.com/playlist/<22-character id>, "
                           "spotify:playlist:<id> or the id itself")
 
-# %% ../nbs/15_spotify.ipynb #e182d069
+# %% ../nbs/15_spotify.ipynb #efe33741
 def _env(*names: str) -> str | None:
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
@@ -111,6 +112,9 @@ class SpotifySettings:
         values = {"client_id": _env("SPOTIFY_CLIENT_ID", "SPOTIPY_CLIENT_ID"),
                   "client_secret": _env("SPOTIFY_CLIENT_SECRET", "SPOTIPY_CLIENT_SECRET")}
         if _env("SPOTIFY_REDIRECT_URI", "SPOTIPY_REDIRECT_URI"): values["redirect_uri"] = _env("SPOTIFY_REDIRECT_URI", "SPOTIPY_REDIRECT_URI")
+        for key, name in (("api_url", "MSR_SPOTIFY_API_URL"), ("token_url", "MSR_SPOTIFY_TOKEN_URL"),
+                          ("authorize_url", "MSR_SPOTIFY_AUTHORIZE_URL")):  # proxies and test doubles
+            if os.environ.get(name): values[key] = os.environ[name]
         return cls(**{**values, **overrides})
 
     @property
@@ -402,3 +406,42 @@ class FeatureChain:
             for item in data if isinstance(data, list) else []:
                 if isinstance(item, dict) and item.get("id"): rows[item["id"]] = {c: item.get(c) for c in AUDIO_FEATURES}
         return pd.DataFrame.from_dict(rows, orient="index")
+
+# %% ../nbs/15_spotify.ipynb #9a0bcf30
+DEFAULT_USER = "me"
+
+def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySettings | None = None) -> ImportedPlaylist:
+    "The tracks of a Spotify playlist, read as the logged-in `user`; `NotConfigured` saying what to do if msr cannot log in."
+    pid = parse_playlist_id(link)  # a bad link is refused before anything else
+    settings = settings or SpotifySettings.from_env()
+    if not settings.client_id:
+        raise NotConfigured("Spotify playlist links need Spotify credentials: set SPOTIFY_CLIENT_ID (and SPOTIFY_CLIENT_SECRET) "
+                            "in the environment and run `msr-spotify login` once; until then give track ids or a dataset playlist")
+    if PrivateTokenCache(user, settings.cache_dir).get_cached_token() is None:
+        raise NotConfigured(f"no Spotify login for '{user}' on this machine: run `msr-spotify login` once "
+                            "(since 2026 Spotify lets apps read only the logged-in user's own playlists)")
+    return import_playlist(user_client(user, settings), pid, Caller(settings))
+
+def main(argv: list[str] | None = None):
+    "`msr-spotify login` (once per person) and `msr-spotify import <link>`."
+    import argparse, sys
+    ap = argparse.ArgumentParser(prog="msr-spotify", description="Log in to Spotify for msr, or import a playlist.")
+    ap.add_argument("command", choices=["login", "import"])
+    ap.add_argument("link", nargs="?", help="playlist link, URI or id (import)")
+    ap.add_argument("--user", default=DEFAULT_USER, help="whose token file to use (default: me)")
+    args = ap.parse_args(argv)
+    settings = SpotifySettings.from_env()
+    try:
+        if args.command == "login":
+            settings.require(secret=False)
+            client = user_client(args.user, settings, open_browser=False)  # prints the URL; asks for the redirected URL
+            client.auth_manager.get_access_token(check_cache=False)
+            print(f"msr-spotify: logged in; token stored in {PrivateTokenCache(args.user, settings.cache_dir).path} (mode 0600)")
+        else:
+            if not args.link: ap.error("import needs a playlist link")
+            got = playlist_seeds(args.link, args.user, settings)
+            print(got.summary())
+            for r in got.tracks.itertuples(index=False): print(f"{r.track_id}\t{r.track_name} — {r.track_artist}")
+    except (SpotifyError, BadPlaylistLink) as e:
+        print(f"msr-spotify: {e}", file=sys.stderr)
+        sys.exit(1)

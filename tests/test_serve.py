@@ -6,18 +6,38 @@ import sqlite3
 import urllib.error
 import urllib.request
 
+import time
+
 import pandas as pd
 import pytest
 
 from conftest import BIN, free_port, served_env, start_server, stop_server
+from fake_spotify import CLIENT_ID, USER_TOKEN
+from fake_spotify import serve as serve_fake
+from msr.spotify import PrivateTokenCache
 
 
 @pytest.fixture(scope="module")
-def server(served_project, tmp_path_factory):
-    "`mlflow models serve -m models:/msr-recommender@champion --env-manager local` on 127.0.0.1, as `make serve` runs it."
+def spotify_fake():
+    "A fake Spotify Web API + token endpoint on 127.0.0.1 (tests/fake_spotify.py)."
+    server, url = serve_fake(roles=("api", "token"))
+    try: yield server.fake, url
+    finally: server.shutdown(); server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(served_project, tmp_path_factory, spotify_fake):
+    """`mlflow models serve -m models:/msr-recommender@champion --env-manager local` on 127.0.0.1, as `make serve` runs it,
+    with Spotify configured against the fake and a person logged in (their token in a private cache file)."""
     logs = tmp_path_factory.mktemp("serve")
     port = free_port()
-    env = served_env(served_project, logs / "served.sqlite")
+    fake, url = spotify_fake
+    cache = logs / "spotify-tokens"
+    PrivateTokenCache("me", cache).save_token_to_cache(
+        {"access_token": USER_TOKEN, "token_type": "Bearer", "expires_in": 3600, "expires_at": int(time.time()) + 36000,
+         "scope": "playlist-read-private playlist-read-collaborative", "refresh_token": "r"})
+    env = {**served_env(served_project, logs / "served.sqlite"), "SPOTIFY_CLIENT_ID": CLIENT_ID,
+           "MSR_SPOTIFY_API_URL": f"{url}/v1/", "MSR_SPOTIFY_TOKEN_URL": f"{url}/api/token", "MSR_SPOTIFY_CACHE": str(cache)}
     proc = start_server([str(BIN / "mlflow"), "models", "serve", "-m", "models:/msr-recommender@champion",
                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                         served_project, env, f"http://127.0.0.1:{port}/ping", logs / "server.log")
@@ -84,7 +104,7 @@ def test_playlist_queries(server, served_project):
 
 
 BAD = [
-    ({"dataframe_records": [{"k": 5}]}, 400, "missing inputs ['seeds']"),
+    ({"dataframe_records": [{"k": 5}]}, 400, "'seeds' is missing"),
     ({"dataframe_records": [{"seeds": ["x"], "k": "ten"}]}, 400, "column k"),
     ({"dataframe_records": [{"seeds": "5ZULALImTm80tzUbYQYM9d", "k": 5}]}, 400, "column seeds"),
     ({"dataframe_records": [{"seeds": ["not-a-track", "nor-this"], "k": 5}]}, 400, "none of the 2 seed track ids is in msr's catalogue"),
@@ -118,3 +138,37 @@ def test_wrong_content_type(server):
     url, _ = server
     status, answer = post(url, b"seeds=x", content_type="application/x-www-form-urlencoded")
     assert status == 415 and "content types" in answer
+
+
+PID, NOT_MINE, EDITORIAL, DOWN = "3cEYpjA9oz9GiPac4AsH4n", "4dEYpjA9oz9GiPac4AsH4n", "37i9dQZF1DXcBWIGoYBM5M", "5eEYpjA9oz9GiPac4AsH4n"
+
+
+def test_spotify_playlist_link(server, served_project, spotify_fake):
+    url, db = server
+    fake, _ = spotify_fake
+    seeds, rest = playlist_seeds(served_project, n=12)
+    fake.playlists[PID] = [{"item": {"id": t, "type": "track", "name": "x", "artists": [{"name": "y"}]}} for t in seeds] + \
+                          [{"is_local": True, "item": None}, {"item": {"id": "1" * 22, "type": "track", "name": "new", "artists": []}}]
+    status, body = post(url, {"dataframe_records": [{"playlist_url": f"https://open.spotify.com/playlist/{PID}?si=x", "k": 15}]})
+    assert status == 200, body
+    rows = pd.DataFrame(body["predictions"])
+    assert len(rows) == 15 and not set(rows["track_id"]) & set(seeds)
+    assert set(rows["track_id"]) & set(rest), "none of the playlist's other tracks among the recommendations"
+    assert json.loads(logged(db)["seeds"].iloc[-1]) == seeds  # the playlist's catalogue tracks were the seeds
+
+
+@pytest.mark.parametrize("link,status,message", [
+    (f"https://open.spotify.com/playlist/{NOT_MINE}", 400, "is not yours"),
+    (f"spotify:playlist:{EDITORIAL}", 400, "editorial playlists"),
+    ("https://open.spotify.com/track/3cEYpjA9oz9GiPac4AsH4n", 400, "is a track link"),
+    (f"https://open.spotify.com/playlist/{DOWN}", 503, "try again later"),
+], ids=["not-owned", "editorial", "not-a-playlist", "spotify-down"])
+def test_spotify_refusals(server, spotify_fake, link, status, message):
+    url, _ = server
+    fake, _ = spotify_fake
+    fake.playlists[NOT_MINE] = fake.playlists[DOWN] = [{"item": {"id": "2" * 22, "type": "track"}}]
+    fake.not_owned.add(NOT_MINE)
+    fake.failures[f"/v1/playlists/{DOWN}/items"] = [(503, {}, None)] * 20
+    got, answer = post(url, {"dataframe_records": [{"playlist_url": link}]})
+    assert got == status, answer
+    assert message in answer["message"], answer
