@@ -329,7 +329,7 @@ def import_playlist(client,  # a spotipy client (`user_client` for playlists sin
     tracks = pd.DataFrame(rows, columns=[TRACK_ID, "track_name", "track_artist", "track_album_name"])
     return ImportedPlaylist(pid, tracks, {k: skipped[k] for k in ("local files", "episodes", "unavailable tracks", "repeats") if skipped[k]})
 
-# %% ../nbs/15_spotify.ipynb #2b0398b1
+# %% ../nbs/15_spotify.ipynb #566f23df
 PROVIDER_BATCH = 40  # ids per features-provider request (ReccoBeats' limit)
 SPOTIFY_FEATURES_BATCH = 100
 
@@ -358,7 +358,9 @@ class FeatureChain:
         self.spotify_off: str | None = None if spotify is not None else "no Spotify client"
         self.provider_off: str | None = None if self.provider_url else "no provider configured"
 
-    def features(self, track_ids) -> tuple[pd.DataFrame, dict]:
+    def features(self, track_ids,
+                 known: pd.DataFrame | None = None,  # values already known per track id (e.g. duration_ms from a search result)
+                ) -> tuple[pd.DataFrame, dict]:
         "Features (index track_id, AUDIO_FEATURES columns, complete rows only) and a report: count per source, ids left without."
         ids = list(dict.fromkeys(track_ids))
         have = self.catalogue.reindex([t for t in ids if t in self.catalogue.index]).dropna()
@@ -366,7 +368,10 @@ class FeatureChain:
         todo = [t for t in ids if t not in have.index]
         for source, fetch in (("provider", self._provider), ("spotify", self._spotify)):
             got = fetch(todo) if todo else pd.DataFrame(columns=AUDIO_FEATURES)
-            got = got.reindex(columns=AUDIO_FEATURES).dropna()  # incomplete rows do not count: never zero-filled
+            got = got.reindex(columns=AUDIO_FEATURES).apply(pd.to_numeric, errors="coerce")
+            if known is not None and len(got):  # fill gaps only with real values known from elsewhere
+                got = got.fillna(known.reindex(got.index).reindex(columns=AUDIO_FEATURES))
+            got = got.dropna()  # incomplete rows do not count: never zero-filled
             report[source] = len(got)
             found.append(got)
             todo = [t for t in todo if t not in got.index]

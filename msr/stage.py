@@ -65,8 +65,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 def loggable_params(params: dict) -> dict:
-    "Flattened parameters with secrets masked and URLs redacted."
-    return {k: "***" if SECRET_KEY.search(k) else redact(v) if isinstance(v, str) else v
+    "Flattened parameters with secrets masked, URLs redacted, and keys MLflow accepts (`genres.r&b` -> `genres.r_b`)."
+    return {metric_key(k): "***" if SECRET_KEY.search(k) else redact(v) if isinstance(v, str) else v
             for k, v in flatten(params).items()}
 
 def metric_key(key: str) -> str:

@@ -13,7 +13,7 @@ import pandas as pd
 from .core import GENRE, PLAYLIST_COLUMNS, PLAYLIST_ID, TRACK_COLUMNS, TRACK_ID
 
 # %% auto #0
-__all__ = ['build_tables', 'split_playlists', 'make_queries', 'track_genre_labels']
+__all__ = ['build_tables', 'add_fed_tracks', 'split_playlists', 'make_queries', 'track_genre_labels']
 
 # %% ../nbs/03_transform.ipynb #30f6a8d6
 def build_tables(songs: pd.DataFrame,  # validated raw rows
@@ -35,6 +35,16 @@ def build_tables(songs: pd.DataFrame,  # validated raw rows
               "playlists_with_several_genres": int((labels[GENRE] > 1).sum()),
               "playlists_with_several_subgenres": int((labels["playlist_subgenre"] > 1).sum())}
     return tracks, playlist_tracks, report
+
+# %% ../nbs/03_transform.ipynb #64d93ead
+def add_fed_tracks(tracks: pd.DataFrame,  # the archive's tracks (`build_tables`)
+                   fed: pd.DataFrame | None,  # the feed stage's tracks (may be empty or None)
+                  ) -> tuple[pd.DataFrame, int]:
+    "The catalogue with the fed tracks not already in it, sorted by track id; and how many were added."
+    if fed is None or fed.empty: return tracks, 0
+    new = fed.loc[~fed[TRACK_ID].isin(tracks[TRACK_ID]), TRACK_COLUMNS].drop_duplicates(TRACK_ID)
+    out = pd.concat([tracks, new], ignore_index=True).sort_values(TRACK_ID).reset_index(drop=True)
+    return out, len(new)
 
 # %% ../nbs/03_transform.ipynb #c694bc2d
 def split_playlists(playlist_tracks: pd.DataFrame,  # playlist_id, playlist_genre, ...

@@ -91,7 +91,7 @@ def project_files() -> list[str]:
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     "Run a command with the project's environment first on PATH and MLflow on its embedded default."
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SPOTIFY_", "SPOTIPY_", "MSR_SPOTIFY"))}  # no real services
     env = {**base, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if check and p.returncode != 0:

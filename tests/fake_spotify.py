@@ -31,6 +31,7 @@ class Fake:
         self.failures: dict[str, list] = {}  # path -> [(status, headers, body) or ("sleep", seconds)], used in turn
         self.requests: list[tuple[str, str]] = []  # (method, path?query)
         self.tokens = {"app-token-DO-NOT-LEAK", USER_TOKEN}
+        self.search_results: dict[str, list] = {}  # query -> track objects
 
     def fail(self, path: str, *answers):
         self.failures.setdefault(path, []).extend(answers)
@@ -110,7 +111,10 @@ class Handler(BaseHTTPRequestHandler):
         if parts[:2] == ["v1", "search"]:
             limit = int(q.get("limit", 5))
             if limit > 10: return self.send(400, {"error": {"status": 400, "message": "Invalid limit"}})
-            return self.send(200, {"tracks": {"items": [], "limit": limit, "offset": int(q.get("offset", 0)), "next": None, "total": 0}})
+            found, offset = fake.search_results.get(q.get("q", ""), []), int(q.get("offset", 0))
+            nxt = "more" if offset + limit < len(found) else None
+            return self.send(200, {"tracks": {"items": found[offset:offset + limit], "limit": limit, "offset": offset,
+                                              "next": nxt, "total": len(found)}})
         return self.send(404, {"error": {"status": 404, "message": "Service not found"}})
 
 

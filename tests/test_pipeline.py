@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run, set_params
 
-STAGES = ["ingest", "validate", "transform", "genre", "clusters", "train", "evaluate", "register"]
+STAGES = ["ingest", "validate", "feed", "transform", "genre", "clusters", "train", "evaluate", "register"]
 
 
 def ran(p) -> set[str]:
@@ -44,6 +44,11 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert validation["valid_rows"] == len(sample) - 5
     assert len(pd.read_csv(project / "data/interim/quarantine.csv")) == 5
     assert (project / "outputs/validation_status.txt").read_text().strip() == "Validation status: True"
+
+    # feed: without Spotify credentials nothing is fed, the report says why, and the pipeline goes on
+    feed = json.loads((project / "outputs/metrics/feed.json").read_text())
+    assert (feed["status"], feed["added"], feed["retrain"]) == ("skipped", 0, False) and "SPOTIFY_CLIENT_ID" in feed["reason"]
+    assert len(pd.read_parquet(project / "data/feed/tracks.parquet")) == 0
 
     # transform: normalised tables, disjoint splits, queries only from valid/test playlists
     tracks = pd.read_parquet(project / "data/processed/tracks.parquet")

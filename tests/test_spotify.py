@@ -10,6 +10,7 @@ import pytest
 
 from fake_spotify import CLIENT_ID, CLIENT_SECRET, USER_TOKEN, serve, track
 from msr.core import AUDIO_FEATURES
+from msr.feed import run_feed
 from msr.spotify import (BadCredentials, Caller, FeatureChain, NotConfigured, NotFound, NotPermitted, PrivateTokenCache,
                          RateLimited, SpotifySettings, SpotifyUnavailable, app_client, import_playlist, user_client)
 
@@ -165,3 +166,32 @@ def test_no_secret_or_token_in_logs_or_errors(spotify, caplog):
     for secret in (CLIENT_SECRET, USER_TOKEN, "app-token-DO-NOT-LEAK", "refresh-DO-NOT-LEAK"):
         assert secret not in text, secret
     assert not list(settings.cache_dir.parent.glob(".cache*")) and not (settings.cache_dir.parent.parent / ".cache").exists()
+
+
+def test_feed_over_http(spotify, tmp_path):
+    "The feed against the fake: real searches (10 a page, offsets, budget), features from the provider, no duplicates on a rerun."
+    fake, settings, _, _ = spotify
+    provider, purl = serve(roles=("provider",))
+    try:
+        archive = pd.DataFrame({"track_id": [f"{i:022d}" for i in range(100)], **{c: [0.2] * 100 for c in AUDIO_FEATURES}})
+        archive.to_parquet(tmp_path / "songs.parquet")
+        fake.search_results['genre:"pop"'] = [track(i, duration_ms=200000) for i in range(90, 115)]  # 10 already known
+        fake.search_results['genre:"rock"'] = [track(i, duration_ms=200000) for i in range(200, 204)]
+        feats = {c: 0.6 for c in AUDIO_FEATURES if c != "duration_ms"}  # a provider without durations: the search gave them
+        provider.fake.features_provider = {f"{i:022d}": feats for i in list(range(100, 112)) + [200, 201]}
+        params = {"genres": {"pop": 'genre:"pop"', "rock": 'genre:"rock"'}, "request_budget": 10, "page_size": 10,
+                  "pages_per_genre": 3, "provider_url": purl, "retrain_threshold": 0.01}
+        paths = dict(songs_path=tmp_path / "songs.parquet", fed_path=tmp_path / "feed/tracks.parquet",
+                     previous_path=tmp_path / "feed/prev.parquet", metrics_path=tmp_path / "feed.json")
+        first = run_feed(params, settings, **paths)
+        assert first["status"] == "fed" and first["requests"] == 4  # pop: 3 pages of 10 (25 results), rock: 1
+        assert [p for _, p in fake.requests if p.startswith("/v1/search")][0].count("limit=10") == 1
+        assert (first["found"], first["already_known"], first["added"]) == (29, 10, 14)
+        assert len(first["without_features"]) == 5 and first["retrain"] and abs(first["growth"] - 0.14) < 1e-9
+        fed = pd.read_parquet(paths["fed_path"])
+        assert len(fed) == 14 and fed["duration_ms"].eq(200000).all() and not fed[AUDIO_FEATURES].isna().any().any()
+        again = run_feed(params, settings, **paths)
+        assert (again["added"], again["retrain"]) == (0, False) and len(pd.read_parquet(paths["fed_path"])) == 14
+        assert len(pd.read_parquet(paths["previous_path"])) == 0  # the version before the first run (empty)
+    finally:
+        provider.shutdown(); provider.server_close()
