@@ -329,7 +329,7 @@ def import_playlist(client,  # a spotipy client (`user_client` for playlists sin
     tracks = pd.DataFrame(rows, columns=[TRACK_ID, "track_name", "track_artist", "track_album_name"])
     return ImportedPlaylist(pid, tracks, {k: skipped[k] for k in ("local files", "episodes", "unavailable tracks", "repeats") if skipped[k]})
 
-# %% ../nbs/15_spotify.ipynb #566f23df
+# %% ../nbs/15_spotify.ipynb #b6d8c2b2
 PROVIDER_BATCH = 40  # ids per features-provider request (ReccoBeats' limit)
 SPOTIFY_FEATURES_BATCH = 100
 
@@ -377,7 +377,8 @@ class FeatureChain:
             todo = [t for t in todo if t not in got.index]
         report["missing"] = todo
         report["disabled"] = {k: v for k, v in (("provider", self.provider_off), ("spotify", self.spotify_off)) if v}
-        out = pd.concat([f for f in found if len(f)]) if any(len(f) for f in found) else pd.DataFrame(columns=AUDIO_FEATURES)
+        out = (pd.concat([f for f in found if len(f)]) if any(len(f) for f in found)
+               else pd.DataFrame(columns=AUDIO_FEATURES, index=pd.Index([], dtype=object)))  # ids are strings, even with none found
         return out.reindex(columns=AUDIO_FEATURES).astype(float).rename_axis(TRACK_ID), report
 
     def _provider(self, ids: list[str]) -> pd.DataFrame:

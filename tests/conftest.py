@@ -188,3 +188,11 @@ def stop_server(proc):
     except ProcessLookupError: return
     try: proc.wait(timeout=20)
     except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
+
+
+def all_text(project: Path) -> str:
+    "Every text the project wrote: reports, metrics, MLflow store and artifacts."
+    chunks = []
+    for path in [*project.glob("outputs/**/*"), *project.glob("mlartifacts/**/*"), project / "mlflow.db"]:
+        if path.is_file(): chunks.append(path.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(chunks)

@@ -11,7 +11,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from conftest import run, set_params
+from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, serve as serve_fake, track as fake_track
+from msr.core import AUDIO_FEATURES
+from conftest import all_text, run, set_params
 
 STAGES = ["ingest", "validate", "feed", "transform", "genre", "clusters", "train", "evaluate", "register"]
 
@@ -119,6 +121,33 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert (decision["version"], decision["champion"], decision["promoted"]) == (2, 1, False)
     aliases = dict(sqlite3.connect(project / "mlflow.db").execute("select alias, version from registered_model_aliases"))
     assert aliases == {"champion": 1, "challenger": 2}
+
+    # the feed loop: msr-feed --retrain against a fake Spotify and features provider grows the catalogue past the
+    # threshold and retrains; no Spotify secret or token in reports, MLflow or output
+    api, api_url = serve_fake(roles=("api", "token"))
+    provider, provider_url = serve_fake(roles=("provider",))
+    try:
+        new_tracks = [fake_track(10**6 + i, duration_ms=180000, album={"id": "al", "name": "Al", "release_date": "2026-03-01"})
+                      for i in range(60)]
+        api.fake.search_results['genre:"pop"'] = new_tracks
+        provider.fake.features_provider = {t["id"]: {c: 0.4 for c in AUDIO_FEATURES if c != "duration_ms"} for t in new_tracks}
+        set_params(project, feed={"genres": {"pop": 'genre:"pop"'}, "provider_url": provider_url, "pages_per_genre": 6})
+        env = {"SPOTIFY_CLIENT_ID": FAKE_ID, "SPOTIFY_CLIENT_SECRET": FAKE_SECRET, "MSR_SPOTIFY_API_URL": f"{api_url}/v1/",
+               "MSR_SPOTIFY_TOKEN_URL": f"{api_url}/api/token", "MSR_SPOTIFY_CACHE": str(tmp_path / "tokens")}
+        fed = run(["msr-feed", "--retrain"], project, env=env)
+        assert "msr-feed: fed: +60 tracks" in fed.stdout and "retraining" in fed.stdout, fed.stdout
+        feed = json.loads((project / "outputs/metrics/feed.json").read_text())
+        assert (feed["added"], feed["requests"], feed["retrain"]) == (60, 6, True)
+        assert json.loads((project / "outputs/metrics/transform.json").read_text())["fed_tracks"] == 60
+        assert set(t["id"] for t in new_tracks) <= set(pd.read_parquet(project / "data/processed/tracks.parquet")["track_id"])
+        decision = json.loads((project / "outputs/metrics/register.json").read_text())
+        assert decision["version"] == 3  # retrained and registered; promoted only if it beat the champion
+        for text in [fed.stdout, fed.stderr, all_text(project)]:
+            assert FAKE_SECRET not in text and "app-token-DO-NOT-LEAK" not in text
+        again = run(["msr-feed", "--retrain"], project, env=env)  # the same answers: nothing added, no retraining
+        assert "+0 tracks" in again.stdout and "retraining" not in again.stdout
+    finally:
+        for srv in (api, provider): srv.shutdown(); srv.server_close()
 
     # bad input to ingest: clear error, the good raw data and everything after it unchanged
     raw, songs_out = project / "data/raw/spotify_songs.csv", project / "data/interim/songs.parquet"

@@ -4,17 +4,9 @@ from __future__ import annotations
 import base64
 import sqlite3
 
-from conftest import run, set_params
+from conftest import all_text, run, set_params
 
 SECRET = "tok-9f8e7d6c5b4a-do-not-log"
-
-
-def all_text(project):
-    "Every text the project wrote: reports, metrics, MLflow store and artifacts."
-    chunks = []
-    for path in [*project.glob("outputs/**/*"), *project.glob("mlartifacts/**/*"), project / "mlflow.db"]:
-        if path.is_file(): chunks.append(path.read_bytes().decode("utf-8", "replace"))
-    return "\n".join(chunks)
 
 
 def test_secret_in_environment_never_logged(project, sample_zip, http_server):
