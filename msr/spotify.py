@@ -218,7 +218,7 @@ class Caller:
 class _Malformed(Exception):
     "An answer that is not the JSON object expected."
 
-# %% ../nbs/15_spotify.ipynb #2f1fd1e4
+# %% ../nbs/15_spotify.ipynb #d9b562e0
 USER_SCOPES = "playlist-read-private playlist-read-collaborative"
 
 _SECRETS = re.compile(r"(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+|"
@@ -262,12 +262,14 @@ def app_client(settings: SpotifySettings | None = None):
     return _client(auth, settings)
 
 def user_client(user: str = "me",  # names the token file: one per person using this machine
-                settings: SpotifySettings | None = None, open_browser: bool = False):
+                settings: SpotifySettings | None = None, open_browser: bool = False,
+                state: str | None = None,  # login only: checked against the redirect (CSRF)
+               ):
     "A spotipy client logged in as a person (authorization code with PKCE) to read their own and collaborative playlists."
     from spotipy.oauth2 import SpotifyPKCE
     settings = settings or SpotifySettings.from_env()
     settings.require(secret=False)
-    auth = SpotifyPKCE(settings.client_id, settings.redirect_uri, scope=USER_SCOPES, open_browser=open_browser,
+    auth = SpotifyPKCE(settings.client_id, settings.redirect_uri, state=state, scope=USER_SCOPES, open_browser=open_browser,
                        requests_timeout=settings.timeout, cache_handler=PrivateTokenCache(user, settings.cache_dir))
     auth.OAUTH_TOKEN_URL, auth.OAUTH_AUTHORIZE_URL = settings.token_url, settings.authorize_url
     return _client(auth, settings)
@@ -413,7 +415,7 @@ class FeatureChain:
                 if isinstance(item, dict) and item.get("id"): rows[item["id"]] = {c: item.get(c) for c in AUDIO_FEATURES}
         return pd.DataFrame.from_dict(rows, orient="index")
 
-# %% ../nbs/15_spotify.ipynb #9a0bcf30
+# %% ../nbs/15_spotify.ipynb #794fc928
 DEFAULT_USER = "me"
 
 def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySettings | None = None) -> ImportedPlaylist:
@@ -439,9 +441,13 @@ def main(argv: list[str] | None = None):
     settings = SpotifySettings.from_env()
     try:
         if args.command == "login":
+            import secrets
+            from spotipy.oauth2 import SpotifyOauthError
             settings.require(secret=False)
-            client = user_client(args.user, settings, open_browser=False)  # prints the URL; asks for the redirected URL
-            client.auth_manager.get_access_token(check_cache=False)
+            client = user_client(args.user, settings, open_browser=False, state=secrets.token_urlsafe(16))
+            try: client.auth_manager.get_access_token(check_cache=False)  # prints the URL; asks for the redirected URL
+            except SpotifyOauthError as e:
+                raise BadCredentials(f"login failed: {getattr(e, 'error_description', None) or getattr(e, 'error', None) or type(e).__name__}") from None
             print(f"msr-spotify: logged in; token stored in {PrivateTokenCache(args.user, settings.cache_dir).path} (mode 0600)")
         else:
             if not args.link: ap.error("import needs a playlist link")

@@ -74,6 +74,11 @@ class Handler(BaseHTTPRequestHandler):
             if auth != f"Basic {basic}":
                 return self.send(400, {"error": "invalid_client", "error_description": "Invalid client"})
             return self.send(200, {"access_token": "app-token-DO-NOT-LEAK", "token_type": "Bearer", "expires_in": 3600})
+        if form.get("grant_type") == ["authorization_code"]:  # PKCE: no secret, a verifier instead
+            if form.get("client_id") != [CLIENT_ID] or form.get("code") != ["good-code"] or not form.get("code_verifier"):
+                return self.send(400, {"error": "invalid_grant", "error_description": "Invalid authorization code"})
+            return self.send(200, {"access_token": USER_TOKEN, "token_type": "Bearer", "expires_in": 3600,
+                                   "refresh_token": "refresh-DO-NOT-LEAK", "scope": "playlist-read-private playlist-read-collaborative"})
         return self.send(400, {"error": "unsupported_grant_type"})
 
     def do_GET(self):

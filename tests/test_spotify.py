@@ -3,7 +3,12 @@ through the real spotipy client over real HTTP."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
 import pytest
@@ -195,3 +200,36 @@ def test_feed_over_http(spotify, tmp_path):
         assert len(pd.read_parquet(paths["previous_path"])) == 0  # the version before the first run (empty)
     finally:
         provider.shutdown(); provider.server_close()
+
+
+def test_login_with_pkce_then_import(spotify, tmp_path):
+    "`msr-spotify login`: the PKCE URL, the pasted redirect, a 0600 token file outside the working directory; then `import`."
+    fake, settings, _, _ = spotify
+    fake.playlists[PID] = [{"item": track(i)} for i in range(3)]
+    bin_dir = Path(sys.executable).parent
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SPOTIFY_", "SPOTIPY_", "MSR_SPOTIFY"))},
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SPOTIFY_CLIENT_ID": CLIENT_ID,
+           "MSR_SPOTIFY_API_URL": settings.api_url, "MSR_SPOTIFY_TOKEN_URL": settings.token_url,
+           "MSR_SPOTIFY_AUTHORIZE_URL": settings.authorize_url, "MSR_SPOTIFY_CACHE": str(tmp_path / "tokens")}
+    work = tmp_path / "cwd"; work.mkdir()
+
+    def login(answer):
+        p = subprocess.Popen([str(bin_dir / "msr-spotify"), "login", "--user", "bob"], cwd=work, env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        url = p.stdout.readline().split(": ", 1)[1].strip()
+        out, err = p.communicate(answer(parse_qs(urlparse(url).query)) + "\n", timeout=60)
+        return p.returncode, url, out + err
+
+    code, url, out = login(lambda q: f"http://127.0.0.1:8898/callback?code=good-code&state={q['state'][0]}")
+    q = parse_qs(urlparse(url).query)
+    assert url.startswith(settings.authorize_url) and q["code_challenge_method"] == ["S256"] and q["client_id"] == [CLIENT_ID]
+    assert code == 0, out
+    token_file = tmp_path / "tokens" / "bob.json"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600" and USER_TOKEN in token_file.read_text()
+    assert list(work.iterdir()) == []  # no spotipy .cache in the working directory
+    assert USER_TOKEN not in out and "refresh-DO-NOT-LEAK" not in out
+    bad, _, out = login(lambda q: "http://127.0.0.1:8898/callback?code=good-code&state=forged")
+    assert bad == 1 and "login failed" in out  # a redirect with another state is refused
+    listed = subprocess.run([str(bin_dir / "msr-spotify"), "import", f"spotify:playlist:{PID}", "--user", "bob"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "3 tracks from playlist" in listed.stdout and f"{2:022d}" in listed.stdout
