@@ -16,8 +16,9 @@ import yaml
 
 # %% auto #0
 __all__ = ['TRACK_ID', 'PLAYLIST_ID', 'GENRE', 'TRACK_COLUMNS', 'PLAYLIST_COLUMNS', 'RAW_COLUMNS', 'AUDIO_FEATURES', 'GENRES',
-           'RAW_CSV', 'SONGS', 'QUARANTINE', 'TRACKS', 'PLAYLIST_TRACKS', 'SPLITS', 'QUERIES', 'MODELS_DIR', 'OUTPUTS',
-           'METRICS_DIR', 'PLOTS_DIR', 'load_params', 'atomic_path', 'write_json', 'read_json', 'save_figure']
+           'RAW_CSV', 'SONGS', 'QUARANTINE', 'TRACKS', 'PLAYLIST_TRACKS', 'SPLITS', 'QUERIES', 'FEED_TRACKS',
+           'FEED_PREVIOUS', 'MODELS_DIR', 'OUTPUTS', 'METRICS_DIR', 'PLOTS_DIR', 'load_params', 'atomic_path',
+           'write_json', 'read_json', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #867ade4a
 TRACK_ID = "track_id"
@@ -51,6 +52,8 @@ TRACKS = Path("data/processed/tracks.parquet")
 PLAYLIST_TRACKS = Path("data/processed/playlist_tracks.parquet")
 SPLITS = Path("data/processed/splits.parquet")
 QUERIES = Path("data/processed/queries.parquet")
+FEED_TRACKS = Path("data/feed/tracks.parquet")  # tracks the feed stage found on Spotify
+FEED_PREVIOUS = Path("data/feed/tracks.prev.parquet")  # the fed tracks before the latest feed run
 MODELS_DIR = Path("data/models")
 OUTPUTS = Path("outputs")
 METRICS_DIR = OUTPUTS / "metrics"
