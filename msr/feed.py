@@ -21,16 +21,17 @@ from .spotify import Caller, FeatureChain, NotConfigured, SpotifyError, SpotifyS
 # %% auto #0
 __all__ = ['FEED_METRICS', 'FEED_COLUMNS', 'Budget', 'search_new_tracks', 'merge_fed', 'run_feed', 'main']
 
-# %% ../nbs/16_feed.ipynb #8b93e070
+# %% ../nbs/16_feed.ipynb #36c0a486
 FEED_METRICS = METRICS_DIR / "feed.json"
 FEED_COLUMNS = TRACK_COLUMNS + ["feed_genre", "fed_at"]
 
 class Budget:
     "A number of requests one feed run may send."
-    def __init__(self, requests: int): self.left, self.used = int(requests), 0
+    def __init__(self, requests: int): self.limit, self.used = int(requests), 0
     def take(self) -> bool:
-        if self.left <= 0: return False
-        self.left -= 1; self.used += 1
+        "Count one request, or False when the budget is spent."
+        if self.used >= self.limit: return False
+        self.used += 1
         return True
 
 def _track_row(t: dict, genre: str) -> dict | None:
@@ -57,11 +58,12 @@ def search_new_tracks(client,  # a spotipy client (an app token is enough for se
         for page in range(pages):
             if not budget.take(): stopped = "request budget spent"; break
             res = caller(client.search, query, limit=page_size, offset=page * page_size, type="track", what=f"search {query!r}")
-            items = ((res or {}).get("tracks") or {}).get("items") or []
+            page_ = (res or {}).get("tracks") or {}
+            items = page_.get("items") or []
             for t in items:
                 row = _track_row(t, genre)
                 if row: rows.append(row); found += 1
-            if len(items) < page_size or not (res.get("tracks") or {}).get("next"): break
+            if len(items) < page_size or not page_.get("next"): break
         per_genre[genre] = found
         if stopped: break
     df = pd.DataFrame(rows, columns=[c for c in FEED_COLUMNS if c not in AUDIO_FEATURES or c == "duration_ms"])
@@ -86,7 +88,7 @@ def merge_fed(known_ids: set,  # track ids in the catalogue (archive + fed so fa
                     "features_from": {k: report[k] for k in ("catalogue", "provider", "spotify")},
                     "sources_off": report["disabled"], "growth": len(usable) / max(before, 1)}
 
-# %% ../nbs/16_feed.ipynb #dbaa1409
+# %% ../nbs/16_feed.ipynb #6854d1d7
 def run_feed(params: dict,  # the feed section of params.yaml
              settings: SpotifySettings | None = None,
              client=None,  # a spotipy client (default: `app_client(settings)`)
@@ -96,8 +98,7 @@ def run_feed(params: dict,  # the feed section of params.yaml
     t0 = time.time()
     fed_path, previous_path = Path(fed_path), Path(previous_path)
     fed = pd.read_parquet(fed_path) if fed_path.exists() else pd.DataFrame(columns=FEED_COLUMNS)
-    archive = pd.read_parquet(songs_path, columns=[TRACK_ID] + AUDIO_FEATURES).drop_duplicates(TRACK_ID)
-    known = set(archive[TRACK_ID]) | set(fed[TRACK_ID])
+    known = set(pd.read_parquet(songs_path, columns=[TRACK_ID])[TRACK_ID]) | set(fed[TRACK_ID])
     report = {"catalogue_before": len(known), "added": 0, "growth": 0.0, "threshold": params["retrain_threshold"], "retrain": False}
     settings = settings or SpotifySettings.from_env()
     try:
@@ -105,8 +106,8 @@ def run_feed(params: dict,  # the feed section of params.yaml
         caller = Caller(settings)
         found, searched = search_new_tracks(client, params["genres"], Budget(params["request_budget"]), caller,
                                             params["page_size"], params["pages_per_genre"])
-        catalogue = pd.concat([archive, fed[[TRACK_ID] + AUDIO_FEATURES]], ignore_index=True)
-        chain = FeatureChain(catalogue, params.get("provider_url"), spotify=client, caller=caller)
+        # no catalogue in the chain: only tracks the catalogue does not have are asked for
+        chain = FeatureChain(None, params.get("provider_url"), spotify=client, caller=caller)
         merged, merge_report = merge_fed(known, fed, found, chain)
         report.update(searched, **merge_report, status="fed")
     except NotConfigured as e:
