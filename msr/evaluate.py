@@ -6,14 +6,17 @@
 from __future__ import annotations
 
 import time
+import zlib
 
+import numpy as np
 import pandas as pd
 
-from .core import PLAYLIST_ID, TRACK_ID
+from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .metrics import METRICS, recall_at
 
 # %% auto #0
-__all__ = ['CURVE_KS', 'fit_playlists', 'iter_queries', 'evaluate_model', 'summarize', 'recall_curve']
+__all__ = ['CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'fit_playlists', 'iter_queries', 'evaluate_model', 'summarize',
+           'recall_curve', 'foreign_queries', 'without_tracks']
 
 # %% ../nbs/08_evaluate.ipynb #db359a35
 def fit_playlists(playlist_tracks: pd.DataFrame,  # all (playlist, track) rows
@@ -37,18 +40,19 @@ def iter_queries(queries: pd.DataFrame, split: str = "test"):
 CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500)  # cut-offs of the recall curve
 
 def evaluate_model(model,  # anything with recommend(seed_track_ids, k)
-                   queries: pd.DataFrame,  # from `msr.transform.make_queries`
+                   queries,  # from `msr.transform.make_queries`, or (setting, playlist_id, seeds, held-out) tuples (`foreign_queries`)
                    split: str = "test",  # which split's queries to score
                    k: int = 500,  # recommendations asked per query (the challenge's list length)
                    curve_ks=CURVE_KS,  # also recall@c for these cut-offs (≤ k), for `recall_curve`
                   ) -> pd.DataFrame:
-    "One row per query: setting, playlist_id, every metric in `METRICS`, recall@c for the curve, and the latency in ms."
+    "One row per query: setting, playlist_id, every metric in `METRICS`, recall@c for the curve, the latency in ms, and whether the model refused it."
     rows = []
-    for setting, pid, seeds, heldout in iter_queries(queries, split):
+    for setting, pid, seeds, heldout in (iter_queries(queries, split) if isinstance(queries, pd.DataFrame) else queries):
         t0 = time.perf_counter()
-        recs = model.recommend(seeds, k=k)
+        try: recs, refused = model.recommend(seeds, k=k), False
+        except ValueError: recs, refused = [], True  # e.g. a content model given seeds without audio: it scores nothing
         ms = (time.perf_counter() - t0) * 1000
-        rows.append({"setting": setting, PLAYLIST_ID: pid, "seeds": len(seeds), "heldout": len(heldout),
+        rows.append({"setting": setting, PLAYLIST_ID: pid, "seeds": len(seeds), "heldout": len(heldout), "refused": refused,
                      **{name: m(recs, heldout) for name, m in METRICS.items()},
                      **{f"recall@{c}": recall_at(recs, heldout, c) for c in curve_ks if c <= k}, "latency_ms": ms})
     if not rows: raise ValueError(f"no {split} queries to evaluate: check transform.min_tracks and the split sizes")
@@ -56,9 +60,11 @@ def evaluate_model(model,  # anything with recommend(seed_track_ids, k)
 
 def summarize(per_query: pd.DataFrame,  # rows from `evaluate_model`, with a `model` column
              ) -> pd.DataFrame:
-    "Mean of every metric per (model, setting), with the number of queries."
-    agg = per_query.groupby(["model", "setting"])[list(METRICS) + ["latency_ms"]].mean()
-    agg["queries"] = per_query.groupby(["model", "setting"]).size()
+    "Mean of every metric per (model, setting), with the number of queries (and of queries the model refused)."
+    groups = per_query.groupby(["model", "setting"])
+    agg = groups[list(METRICS) + ["latency_ms"]].mean()
+    agg["queries"] = groups.size()
+    if "refused" in per_query: agg["refused"] = groups["refused"].sum().astype(int)
     return agg
 
 def recall_curve(per_query: pd.DataFrame,  # rows from `evaluate_model` (one model's)
@@ -68,3 +74,32 @@ def recall_curve(per_query: pd.DataFrame,  # rows from `evaluate_model` (one mod
     rows = per_query if setting is None else per_query[per_query["setting"] == setting]
     cols = [c for c in per_query.columns if c.startswith("recall@")]
     return pd.Series({int(c.split("@")[1]): float(rows[c].mean()) for c in cols}, name="recall")
+
+# %% ../nbs/08_evaluate.ipynb #16cc46d9
+FOREIGN_KINDS = ("foreign", "foreign_nofeat", "mixed")  # the simulated real-playlist settings
+RECORD_COLUMNS = ["track_name", "track_artist", "track_album_name", "track_album_release_date"]  # what a foreign record carries besides audio
+
+def foreign_queries(queries: pd.DataFrame,  # from `msr.transform.make_queries`
+                    tracks: pd.DataFrame,  # the catalogue the seeds come from
+                    kind: str,  # one of FOREIGN_KINDS
+                    base: str = "half",  # the query setting the seeds come from
+                    split: str = "test",  # which split's queries
+                    seed: int = 0,  # seed of the fresh ids
+                   ) -> tuple[list, set]:
+    "(setting, playlist_id, seeds, held-out) tuples whose seeds are (partly) foreign records, and the track ids to take out of the catalogue."
+    if kind not in FOREIGN_KINDS: raise ValueError(f"kind must be one of {FOREIGN_KINDS}, got {kind!r}")
+    if base not in set(queries["setting"]): raise ValueError(f"no query setting {base!r} to build {kind!r} queries from")
+    rng = np.random.default_rng([seed, zlib.crc32(kind.encode())])
+    cols = RECORD_COLUMNS + ([] if kind == "foreign_nofeat" else AUDIO_FEATURES)
+    by_id = tracks.set_index(TRACK_ID)[cols]
+    out, foreign, keep = [], set(), set()
+    for _, pid, seeds, heldout in iter_queries(queries[queries["setting"] == base], split):
+        n_known = len(seeds) // 2 if kind == "mixed" else 0
+        records = [{TRACK_ID: f"foreign-{rng.integers(2**62):016x}", **r} for r in by_id.loc[seeds[n_known:]].to_dict("records")]
+        out.append((kind, pid, seeds[:n_known] + records, heldout))
+        foreign.update(seeds[n_known:]); keep.update(heldout); keep.update(seeds[:n_known])
+    return out, foreign - keep
+
+def without_tracks(tracks: pd.DataFrame, playlist_tracks: pd.DataFrame, removed: set) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The catalogue and training rows with the `removed` tracks taken out."
+    return tracks[~tracks[TRACK_ID].isin(removed)], playlist_tracks[~playlist_tracks[TRACK_ID].isin(removed)]

@@ -14,10 +14,11 @@ from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, GENRE, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
 from .recommend import Recommender
+from .seeds import Seeds, TrackLookup
 from .transform import track_genre_labels
 
 # %% auto #0
-__all__ = ['SIMILARITY', 'FEATURES', 'Catalogue', 'PlaylistStats', 'MsrRecommender', 'toy_world']
+__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'Catalogue', 'PlaylistStats', 'MsrRecommender', 'toy_world']
 
 # %% ../nbs/11_model.ipynb #95f3fd4c
 SIMILARITY = ["danceability", "energy", "loudness", "speechiness", "acousticness",
@@ -51,21 +52,27 @@ class _Cells:
 class Catalogue:
     "Track-level arrays the model scores with (independent of playlists)."
     def __init__(self, tracks: pd.DataFrame,
+                 lookup: TrackLookup,  # the catalogue's artist and album codes (over normalised names), years and audio
                  exact_limit: int = 20_000,  # above this many tracks, audio neighbours come from an IVF index
                 ):
-        self.artist, self.artist_names = pd.factorize(tracks["track_artist"].fillna("?"))
-        self.album, _ = pd.factorize(tracks["track_album_id"].fillna("?"))
+        self.lookup = lookup
+        self.artist, self.artist_names, self.album = lookup.artist, lookup.artist_names, lookup.album
         self.by_artist, self.by_album = _Inverted(self.artist), _Inverted(self.album)
         self.artist_size = np.bincount(self.artist)[self.artist].astype(np.float32)
-        self.year = pd.to_numeric(tracks["track_album_release_date"].astype(str).str[:4], errors="coerce").to_numpy(np.float32)
+        self.year = lookup.year
         self.popularity = tracks["track_popularity"].to_numpy(np.float32)
-        self.raw = tracks[AUDIO_FEATURES].to_numpy(np.float64)
+        self.raw = lookup.raw
+        self.sim_cols = [AUDIO_FEATURES.index(f) for f in SIMILARITY]
         self.scaler = StandardScaler().fit(tracks[SIMILARITY].to_numpy())
         self.audio = self.scaler.transform(tracks[SIMILARITY].to_numpy()).astype(np.float32)
         self.norms = np.einsum("ij,ij->i", self.audio, self.audio)
         self.names = tracks["track_name"].fillna("?").to_numpy(object)
         self.ids = pd.Index(tracks[TRACK_ID])
         self.cells = _Cells(self.audio) if len(tracks) > exact_limit else None
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        "Raw AUDIO_FEATURES rows in the scaled SIMILARITY space the model compares audio in."
+        return self.scaler.transform(raw[:, self.sim_cols]).astype(np.float32)
 
 # %% ../nbs/11_model.ipynb #93ef7c72
 def _spherical(gm) -> tuple | None:
@@ -109,15 +116,26 @@ class PlaylistStats:
         self.popular = [np.flatnonzero(self.label == g)[np.argsort(-score[self.label == g], kind="stable")[:n_popular]]
                         for g in range(len(self.genres))]
         self.fill = np.argsort(-score, kind="stable")  # popularity order, to fill short lists
+        # artists: the playlists holding each (with how many of its tracks), and its majority genre label
+        self.AP = sp.csr_matrix((np.ones(len(cols), np.float32), (cat.artist[cols], pl_codes)),
+                                shape=(len(cat.artist_names), pl_codes.max() + 1))
+        by_genre = np.zeros((len(cat.artist_names), len(self.genres)))
+        np.add.at(by_genre, (cat.artist[self.label >= 0], self.label[self.label >= 0]), 1)
+        self.artist_label = np.where(by_genre.sum(1) > 0, by_genre.argmax(1), -1)
+        self.default_genre = int(np.bincount(self.label[self.label >= 0], minlength=len(self.genres)).argmax())
 
 # %% ../nbs/11_model.ipynb #2abbbaaf
 FEATURES = (["n_seeds", "same_artist", "same_album", "cooc", "cooc_playlists", "count", "artist_size",
              "popularity", "popularity_gap", "year", "year_gap", "dist_centroid",
-             "genre_match", "genre_seed_share", "same_component", "knn"]
+             "genre_match", "genre_seed_share", "same_component", "knn",
+             "foreign_share", "audio_share", "artist_cooc", "artist_cooc_playlists"]
             + [f"gap_{f}" for f in SIMILARITY])  # the ranker's inputs, in column order
+_COL = {name: i for i, name in enumerate(FEATURES)}
+_GAPS = _COL[f"gap_{SIMILARITY[0]}"]
 
 def _member_counts(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     "For each of `keys`, how often it occurs in `values`."
+    if len(values) == 0: return np.zeros(len(keys), np.float32)
     u, c = np.unique(values, return_counts=True)
     pos = np.searchsorted(u, keys).clip(max=len(u) - 1)
     return np.where(u[pos] == keys, c[pos], 0).astype(np.float32)
@@ -149,56 +167,101 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
     else: idx = np.arange(len(scores))
     return idx[np.lexsort((idx, -scores[idx]))]
 
-def _query(cat: Catalogue, st: PlaylistStats, seeds: np.ndarray, n_audio: int, n_cooc: int):
-    "Candidates for `seeds`, their features (rows in FEATURES order), the genre and co-occurrence used."
-    # generators
-    parts = [cat.by_artist.lookup(np.unique(cat.artist[seeds])), cat.by_album.lookup(np.unique(cat.album[seeds]))]
-    pls, _ = _rows(st.T, seeds)  # a playlist repeats once per seed it holds
-    upl, w = np.unique(pls, return_counts=True)
+# %% ../nbs/11_model.ipynb #43946003
+def _cooc(st: PlaylistStats, playlists: np.ndarray):
+    "Tracks of `playlists` (a playlist repeated once per seed that led to it): ids, weighted counts, playlist counts."
+    upl, w = np.unique(playlists, return_counts=True)
     co_tracks, lens = _rows(st.P, upl)
     co_u, inv = np.unique(co_tracks, return_inverse=True)
-    co_score = np.bincount(inv, weights=np.repeat(w, lens)).astype(np.float32)
-    co_pl = np.bincount(inv).astype(np.float32)
+    return co_u, np.bincount(inv, weights=np.repeat(w, lens)).astype(np.float32), np.bincount(inv).astype(np.float32)
+
+def _artist_playlists(st: PlaylistStats, artists: np.ndarray, shadow: np.ndarray | None) -> np.ndarray:
+    "The playlists holding each foreign seed's artist (once per seed); a simulated seed's own track does not count."
+    out = []
+    for i, a in enumerate(artists):
+        if a < 0: continue
+        s, e = st.AP.indptr[a], st.AP.indptr[a + 1]
+        pl, n = st.AP.indices[s:e], st.AP.data[s:e]
+        if shadow is not None:  # training: the playlists the stand-in track itself is in would not be known
+            own = np.sort(st.T.indices[st.T.indptr[shadow[i]]:st.T.indptr[shadow[i] + 1]])
+            pl = pl[n - _contains(own, pl) > 0]
+        out.append(pl)
+    return np.concatenate(out) if out else np.empty(0, np.int64)
+
+def _lookup_scores(u: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    "values[u == key] for each key of `keys` (0 where absent); `u` sorted."
+    if len(u) == 0: return np.zeros(len(keys), np.float32)
+    pos = np.searchsorted(u, keys).clip(max=len(u) - 1)
+    return np.where(u[pos] == keys, values[pos], 0)
+
+def _seed_audio(cat: Catalogue, q: Seeds) -> np.ndarray:
+    "Scaled audio rows of the seeds: known tracks, foreign seeds' own features (gaps filled from their artist), artist profiles for the rest."
+    rows = [cat.audio[q.known]]
+    if q.n_foreign:
+        lk = cat.lookup
+        fill = np.where((q.artist >= 0)[:, None], lk.artist_audio[np.maximum(q.artist, 0)], lk.mean_audio)
+        usable = q.has_audio | (q.artist >= 0)
+        if usable.any(): rows.append(cat.scale(np.where(np.isnan(q.audio), fill, q.audio)[usable]))
+    return np.vstack(rows)
+
+def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int):
+    "Candidates for the seeds `q`, their features (rows in FEATURES order) and the seeds' genre."
+    K, fa = q.known, q.artist
+    artists = np.concatenate([cat.artist[K], fa[fa >= 0]])
+    albums = np.concatenate([cat.album[K], q.album[q.album >= 0]])
+    # generators: the seeds' artists and albums, co-occurrence (known seeds), artist co-occurrence (foreign seeds),
+    # audio neighbours, the genre's most played
+    parts = [cat.by_artist.lookup(np.unique(artists)), cat.by_album.lookup(np.unique(albums))]
+    co_u, co_score, co_pl = _cooc(st, _rows(st.T, K)[0])
     parts.append(co_u[np.argsort(-co_score, kind="stable")[:n_cooc]])
-    centroid = cat.audio[seeds].mean(0)
-    knn = _nearest(cat, centroid, n_audio)
+    ac_u, ac_score, ac_pl = _cooc(st, _artist_playlists(st, fa, q.shadow))
+    parts.append(ac_u[np.argsort(-ac_score, kind="stable")[:n_cooc]])
+    S = _seed_audio(cat, q)
+    centroid = S.mean(0) if len(S) else None
+    knn = _nearest(cat, centroid, n_audio) if centroid is not None else np.empty(0, np.int64)
     parts.append(knn)
-    seed_lab = st.label[seeds]
-    known = seed_lab[seed_lab >= 0]
-    share = np.bincount(known, minlength=len(st.genres)) / max(len(known), 1)
-    if len(known): g = int(np.argmax(share))  # the seeds' own genre labels
-    else: g = int(st.class_index[np.argmax(st.classifier.predict_proba(cat.raw[seeds].mean(0, keepdims=True))[0])])
+    labels = np.concatenate([st.label[K], st.artist_label[fa[fa >= 0]]])
+    labels = labels[labels >= 0]
+    share = np.bincount(labels, minlength=len(st.genres)) / max(len(labels), 1)
+    profile = q.audio_profile(cat.lookup)
+    if len(labels): g = int(np.argmax(share))  # the seeds' own genre labels (a foreign seed's: its artist's)
+    elif profile is not None: g = int(st.class_index[np.argmax(st.classifier.predict_proba(profile[None])[0])])
+    else: g = st.default_genre
     parts.append(st.popular[g])
     cands = np.unique(np.concatenate(parts))
-    cands = cands[~_contains(np.sort(seeds), cands)]
+    cands = cands[~_contains(np.sort(q.exclude), cands)]
     # features
-    n = len(cands)
+    n, n_seeds = len(cands), q.n
     F = np.empty((n, len(FEATURES)), np.float32)
-    F[:, 0] = len(seeds)
-    F[:, 1] = _member_counts(cat.artist[seeds], cat.artist[cands])
-    F[:, 2] = _member_counts(cat.album[seeds], cat.album[cands])
-    pos = np.searchsorted(co_u, cands).clip(max=max(len(co_u) - 1, 0))
-    hit = (co_u[pos] == cands) if len(co_u) else np.zeros(n, bool)
-    F[:, 3] = np.where(hit, co_score[pos] if len(co_u) else 0, 0) / len(seeds)
-    F[:, 4] = np.where(hit, co_pl[pos] if len(co_u) else 0, 0)
+    F[:, 0] = n_seeds
+    F[:, 1] = _member_counts(artists, cat.artist[cands])
+    F[:, 2] = _member_counts(albums, cat.album[cands])
+    F[:, 3] = _lookup_scores(co_u, co_score, cands) / n_seeds
+    F[:, 4] = _lookup_scores(co_u, co_pl, cands)
     F[:, 5] = st.count[cands]
     F[:, 6] = cat.artist_size[cands]
     F[:, 7] = cat.popularity[cands]
-    F[:, 8] = np.abs(cat.popularity[cands] - cat.popularity[seeds].mean())
+    pops = np.concatenate([cat.popularity[K], q.popularity[~np.isnan(q.popularity)]])
+    F[:, 8] = np.abs(cat.popularity[cands] - pops.mean()) if len(pops) else np.nan
     F[:, 9] = cat.year[cands]
-    years = cat.year[seeds]
+    years = np.concatenate([cat.year[K], q.year])
     years = years[~np.isnan(years)]
-    F[:, 10] = np.abs(cat.year[cands] - (np.median(years) if len(years) else np.nan))
+    F[:, 10] = np.abs(cat.year[cands] - np.median(years)) if len(years) else np.nan
     A = cat.audio[cands]
-    F[:, 11] = np.sqrt(((A - centroid) ** 2).sum(1))
+    F[:, 11] = np.sqrt(((A - centroid) ** 2).sum(1)) if centroid is not None else np.nan
     lab = st.label[cands]
     F[:, 12] = np.where(lab >= 0, lab == g, np.nan)
     F[:, 13] = np.where(lab >= 0, share[lab], np.nan)
-    x = (cat.raw[seeds].mean(0) - st.mix_center) / st.mix_scale
-    c = _component(st.mix_params[g], st.mixtures.mixtures[st.genres[g]], x)
-    F[:, 14] = np.where(lab >= 0, (lab == g) & (st.component[cands] == c), np.nan)
+    if profile is not None:
+        c = _component(st.mix_params[g], st.mixtures.mixtures[st.genres[g]], (profile - st.mix_center) / st.mix_scale)
+        F[:, 14] = np.where(lab >= 0, (lab == g) & (st.component[cands] == c), np.nan)
+    else: F[:, 14] = np.nan
     F[:, 15] = _contains(np.sort(knn), cands)
-    F[:, 16:] = np.abs(A - centroid)
+    F[:, 16] = q.n_foreign / n_seeds
+    F[:, 17] = (len(K) + q.has_audio.sum()) / n_seeds
+    F[:, 18] = _lookup_scores(ac_u, ac_score, cands) / n_seeds
+    F[:, 19] = _lookup_scores(ac_u, ac_pl, cands)
+    F[:, _GAPS:] = np.abs(A - centroid) if centroid is not None else np.nan
     return cands, F, g
 
 # %% ../nbs/11_model.ipynb #1d07c35d
@@ -219,37 +282,57 @@ def _fit_prefilter(X: np.ndarray, y: np.ndarray) -> _Linear:
     return _Linear(mean.astype(np.float32), scale.astype(np.float32), lr.coef_[0].astype(np.float32))
 
 # %% ../nbs/11_model.ipynb #73715f16
-def _reasons(cat: Catalogue, st: PlaylistStats, seeds: np.ndarray, track: int, f: np.ndarray, genre: str) -> list[str]:
-    "Up to three short reasons why `track` continues the seeds."
+def _seed_named(cat: Catalogue, q: Seeds, codes_known: np.ndarray, codes_foreign: np.ndarray, code) -> tuple[str, int]:
+    "The name of the first seed (known, then foreign) whose code is `code`, and how many seeds have it."
+    k, f = np.flatnonzero(codes_known == code), np.flatnonzero(codes_foreign == code)
+    name = cat.names[q.known[k[0]]] if len(k) else (q.names[f[0]] if len(f) else "?")
+    return name, len(k) + len(f)
+
+def _more(n: int) -> str: return f" and {n - 1} more" if n > 1 else ""
+
+def _reasons(cat: Catalogue, st: PlaylistStats, q: Seeds, track: int, f: np.ndarray, genre: str) -> list[str]:
+    "Up to three short reasons why `track` continues the seeds, naming the seeds (foreign ones too)."
     out = []
-    col = {name: i for i, name in enumerate(FEATURES)}
-    if f[col["same_artist"]]: out.append(f"same artist as {int(f[col['same_artist']])} seed(s): {cat.artist_names[cat.artist[track]]}")
-    if f[col["same_album"]]: out.append(f"on the same album as {int(f[col['same_album']])} seed(s)")
-    if f[col["cooc"]] > 0:
-        mine = set(st.T.indices[st.T.indptr[track]:st.T.indptr[track + 1]])
-        together = [(len(mine & set(st.T.indices[st.T.indptr[s]:st.T.indptr[s + 1]])), s) for s in seeds]
+    if f[_COL["same_artist"]]:
+        name, n = _seed_named(cat, q, cat.artist[q.known], q.artist, cat.artist[track])
+        out.append(f"same artist ({cat.artist_names[cat.artist[track]]}) as '{name}'{_more(n)} in your playlist")
+    if f[_COL["same_album"]]:
+        name, n = _seed_named(cat, q, cat.album[q.known], q.album, cat.album[track])
+        out.append(f"on the same album as '{name}'{_more(n)}")
+    mine = np.sort(st.T.indices[st.T.indptr[track]:st.T.indptr[track + 1]])
+    if f[_COL["cooc"]] > 0:
+        together = [(int(_contains(mine, st.T.indices[st.T.indptr[s]:st.T.indptr[s + 1]]).sum()), s) for s in q.known]
         n, s = max(together)
         if n: out.append(f"often together with '{cat.names[s]}' in playlists ({n})")
-    gaps = f[col[f"gap_{SIMILARITY[0]}"]:]
+    if len(out) < 3 and f[_COL["artist_cooc"]] > 0:
+        shared = [(int(_contains(mine, st.AP.indices[st.AP.indptr[a]:st.AP.indptr[a + 1]]).sum()), j)
+                  for j, a in enumerate(q.artist) if a >= 0 and a != cat.artist[track]]
+        if shared and max(shared)[0]:
+            n, j = max(shared)
+            out.append(f"in {n} playlist(s) with songs by {cat.artist_names[q.artist[j]]}, like '{q.names[j]}' in yours")
+    gaps = f[_GAPS:]
     close = [SIMILARITY[i] for i in np.argsort(gaps)[:2] if gaps[i] < 0.35]
-    if close: out.append("close in " + " and ".join(close))
-    if len(out) < 3 and f[col["year_gap"]] <= 2: out.append(f"from the same era ({int(cat.year[track])})")
-    if len(out) < 3 and f[col["genre_match"]] == 1: out.append(f"fits the playlist's genre ({genre})")
+    if len(out) < 3 and close: out.append("close in " + " and ".join(close))
+    if len(out) < 3 and f[_COL["year_gap"]] <= 2: out.append(f"from the same era ({int(cat.year[track])})")
+    if len(out) < 3 and f[_COL["genre_match"]] == 1: out.append(f"fits the playlist's genre ({genre})")
     return out[:3]
 
 # %% ../nbs/11_model.ipynb #30c97bfc
+FOREIGN_MODES = ("foreign", "nofeat", "mixed")  # simulated foreign seeds: all seeds with features, all without, half
+
 class MsrRecommender(Recommender):
     "Candidate generators + LightGBM LambdaRank over playlist, artist, album, audio, era and genre features."
     name = "msr"
 
     def __init__(self, n_audio: int = 200,  # audio nearest neighbours per query
-                 n_cooc: int = 300,  # co-occurring tracks per query
+                 n_cooc: int = 300,  # co-occurring tracks per query (and per query's foreign artists)
                  n_popular: int = 50,  # most played tracks of the seeds' genre
-                 n_rank: int = 250,  # candidates kept by the linear first stage for LambdaRank
+                 n_rank: int = 150,  # candidates kept by the linear first stage for LambdaRank
                  exact_knn_limit: int = 20_000,  # above this many tracks, audio neighbours come from the IVF index
                  ltr_fraction: float = 0.4,  # training playlists used as ranker queries (the rest give their statistics)
                  ltr_max_playlists: int = 300,  # at most this many ranker playlists (bounds fit time on big catalogues)
                  ltr_settings: tuple = (0.5, 0.25, 5),  # seed fraction (<1) or count of the ranker's queries
+                 ltr_foreign: tuple = FOREIGN_MODES,  # each ranker query gets a twin with simulated foreign seeds, in one of these modes
                  ranker: dict | None = None,  # LGBMRanker arguments
                  genre: dict | None = None,  # `fit_genre_classifier` arguments
                  clusters: dict | None = None,  # `fit_genre_mixtures` arguments
@@ -259,6 +342,9 @@ class MsrRecommender(Recommender):
         self.exact_knn_limit = exact_knn_limit
         self.ltr_fraction, self.ltr_max_playlists = ltr_fraction, ltr_max_playlists
         self.ltr_settings, self.seed = tuple(ltr_settings), seed
+        bad = set(ltr_foreign) - set(FOREIGN_MODES)
+        if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
+        self.ltr_foreign = tuple(ltr_foreign)
         self.ranker = {"n_estimators": 150, "learning_rate": 0.05, "num_leaves": 31, "min_child_samples": 20,
                        **(ranker or {})}
         self.genre = {"n_estimators": 60, "learning_rate": 0.05, "max_depth": 3, **(genre or {})}
@@ -274,8 +360,15 @@ class MsrRecommender(Recommender):
     def _stats(self, tracks, playlist_tracks):
         return PlaylistStats(self.catalogue_, self.catalogue_.ids, tracks, playlist_tracks, self.genre, self.clusters, self.n_popular)
 
+    def _simulated(self, seeds: np.ndarray, mode: str) -> Seeds:
+        "The seeds as a real person's playlist would give them: foreign records (`mode`: all, all without features, half)."
+        if mode == "mixed":
+            h = len(seeds) // 2
+            return Seeds.of_tracks(self.lookup_, seeds[:h], seeds[h:])
+        return Seeds.of_tracks(self.lookup_, [], seeds, features=mode == "foreign")
+
     def _training_queries(self, playlist_tracks: pd.DataFrame):
-        "Split the playlists: ranker queries (seeds, held-out) and the playlists that give their statistics."
+        "Split the playlists: ranker queries (Seeds, held-out) and the playlists that give their statistics."
         rng = np.random.default_rng(self.seed)
         pl, _ = pd.factorize(playlist_tracks[PLAYLIST_ID], sort=True)
         tr = self.catalogue_.ids.get_indexer(playlist_tracks[TRACK_ID])
@@ -290,18 +383,20 @@ class MsrRecommender(Recommender):
             members = members[rng.permutation(len(members))]
             for v in self.ltr_settings:
                 k = int(v) if v >= 1 else min(max(1, int(round(len(members) * v))), len(members) - 1)
-                queries.append((members[:k], members[k:]))
+                queries.append((Seeds.of_tracks(self.lookup_, members[:k]), members[k:]))
+                if self.ltr_foreign:  # its twin from a real person's playlist: seeds the catalogue does not know
+                    queries.append((self._simulated(members[:k], self.ltr_foreign[rng.integers(len(self.ltr_foreign))]), members[k:]))
         return queries, playlist_tracks[~np.isin(pl, chosen)]
 
     def _fit(self, tracks, playlist_tracks):
         import lightgbm as lgb
-        self.catalogue_ = Catalogue(tracks, exact_limit=self.exact_knn_limit)
+        self.catalogue_ = Catalogue(tracks, self.lookup_, exact_limit=self.exact_knn_limit)
         self.features_ = list(FEATURES)
         queries, rest = self._training_queries(playlist_tracks)
         st = self._stats(tracks, rest)
         X, y = [], []
-        for seeds, heldout in queries:
-            cands, F, _ = _query(self.catalogue_, st, seeds, self.n_audio, self.n_cooc)
+        for q, heldout in queries:
+            cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc)
             label = np.isin(cands, heldout)
             if label.any(): X.append(F); y.append(label)
         if not X: raise ValueError("no training query has a held-out track among its candidates: too few playlists?")
@@ -316,39 +411,40 @@ class MsrRecommender(Recommender):
                           "positives": int(sum(l.sum() for l in y)), "positives_after_prefilter": int(yr.sum())}
         self.stats_ = self._stats(tracks, playlist_tracks)
 
-    def _scored(self, seeds: np.ndarray):
+    def _scored(self, q: Seeds):
         "Candidates best first, with their features and ranker scores, and the seeds' genre."
-        cands, F, g = _query(self.catalogue_, self.stats_, seeds, self.n_audio, self.n_cooc)
+        cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc)
         keep = _top(self.prefilter_(F), self.n_rank)
         cands, F = cands[keep], F[keep]
         scores = self.model_.booster_.predict(F)
         order = _top(scores, len(scores))
         return cands[order], F[order], scores[order], g
 
-    def _extend(self, ranked: np.ndarray, seeds: np.ndarray, n: int) -> np.ndarray:
+    def _extend(self, ranked: np.ndarray, q: Seeds, n: int) -> np.ndarray:
         "Too few candidates: continue with the most played tracks."
-        if len(ranked) < n: ranked = np.concatenate([ranked, self.stats_.fill[:n + len(ranked) + len(seeds)]])
+        if len(ranked) < n: ranked = np.concatenate([ranked, self.stats_.fill[:n + len(ranked) + len(q.exclude)]])
         return ranked
 
-    def _rank(self, seeds, n):
-        return self._extend(self._scored(seeds)[0][:n], seeds, n)
+    def _rank(self, q, n):
+        return self._extend(self._scored(q)[0][:n], q, n)
 
-    def recommend_explained(self, seed_track_ids, k: int = 20) -> pd.DataFrame:
+    def recommend_explained(self, seeds, k: int = 20) -> pd.DataFrame:
         "The same tracks as `recommend`, as a table: track_id, score and the main reasons, best first."
         self._check_k(k)
-        seeds = self.seed_indices(seed_track_ids)
-        cands, F, scores, g = self._scored(seeds)  # scored once, for the ranking and the reasons
-        n = min(int(k) + len(seeds), len(self.track_ids_))
-        ids = self.track_ids_[self._finish(self._extend(cands[:n], seeds, n), seeds, k)].tolist()
+        q = self.read_seeds(seeds)
+        cands, F, scores, g = self._scored(q)  # scored once, for the ranking and the reasons
+        n = self._wanted(q, k)
+        ids = self.track_ids_[self._finish(self._extend(cands[:n], q, n), q.exclude, k)].tolist()
         where = {t: i for i, t in enumerate(cands)}
         rows = []
         for t in ids:
             i = where.get(self.index_[t])
-            reasons = (_reasons(self.catalogue_, self.stats_, seeds, cands[i], F[i], self.stats_.genres[g])
+            reasons = (_reasons(self.catalogue_, self.stats_, q, cands[i], F[i], self.stats_.genres[g])
                        if i is not None else ["one of the most played tracks"])
             rows.append({TRACK_ID: t, "score": float(scores[i]) if i is not None else float("nan"), "reasons": reasons})
         out = pd.DataFrame(rows, columns=[TRACK_ID, "score", "reasons"])
         out.attrs["genre"] = self.stats_.genres[g]  # the genre the model read from the seeds
+        out.attrs["seeds"] = {"known": len(q.known), "foreign": q.n_foreign, **q.ignored}  # what the model made of the seeds
         return out
 
 # %% ../nbs/11_model.ipynb #37d76a2c

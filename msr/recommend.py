@@ -16,6 +16,7 @@ import pandas as pd
 import msr
 from .clusters import GenreMixtures, fit_genre_mixtures
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
+from .seeds import Seeds, TrackLookup, read_seeds
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
 from .transform import track_genre_labels
 
@@ -24,10 +25,10 @@ __all__ = ['MODEL_FORMAT', 'MODELS', 'Recommender', 'load_recommender', 'RandomR
            'ContentRecommender', 'OriginalRecommender', 'model_class', 'fit_recommender']
 
 # %% ../nbs/06_recommend.ipynb #f5cfadb4
-MODEL_FORMAT = 1  # bump when a saved model can no longer be read by this code
+MODEL_FORMAT = 2  # bump when a saved model can no longer be read by this code (2: track records as seeds)
 
 class Recommender:
-    "Base class: fit on (tracks, playlist_tracks), recommend track ids for seed track ids."
+    "Base class: fit on (tracks, playlist_tracks), recommend track ids for seeds (track ids or track records)."
     name = "base"
 
     def fit(self, tracks: pd.DataFrame,  # the catalogue: one row per track
@@ -36,32 +37,35 @@ class Recommender:
         "Learn from the catalogue and the training playlists; return self."
         if tracks.empty: raise ValueError("cannot fit a recommender on an empty catalogue")
         if not tracks[TRACK_ID].is_unique: raise ValueError("tracks must have one row per track_id")
+        tracks = tracks.reset_index(drop=True)
         self.track_ids_ = tracks[TRACK_ID].to_numpy(dtype=object)
         self.index_ = {t: i for i, t in enumerate(self.track_ids_)}
-        self._fit(tracks.reset_index(drop=True), playlist_tracks[playlist_tracks[TRACK_ID].isin(self.index_)])
+        self.lookup_ = TrackLookup(tracks)
+        self._fit(tracks, playlist_tracks[playlist_tracks[TRACK_ID].isin(self.index_)])
         return self
 
-    def seed_indices(self, seed_track_ids: Iterable[str]) -> np.ndarray:
-        "Catalogue indices of the known seeds, in order, without repeats; ValueError if none is known."
-        if isinstance(seed_track_ids, (str, bytes)):
-            raise TypeError("seed_track_ids must be a list of track ids, not a single string")
-        seeds = list(dict.fromkeys(seed_track_ids))
-        known = [self.index_[t] for t in seeds if t in self.index_]
-        if not known:
-            shown = ", ".join(map(str, seeds[:3])) + (", ..." if len(seeds) > 3 else "")
-            raise ValueError(f"none of the {len(seeds)} seed track ids is in the catalogue"
-                             + (f" ({shown})" if seeds else ": give at least one track id"))
-        return np.array(known)
+    def read_seeds(self, seeds: Iterable,  # track ids and/or track records
+                  ) -> Seeds:
+        "The query's usable seeds (`msr.seeds.read_seeds`); ValueError saying what is missing when none is usable."
+        if not hasattr(self, "index_"): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
+        return read_seeds(seeds, self.lookup_, self.index_)
 
-    def recommend(self, seed_track_ids: Iterable[str],  # track ids of the playlist so far
+    def recommend(self, seeds: Iterable,  # the playlist so far: track ids and/or track records
                   k: int = 20,  # how many tracks to return
                  ) -> list[str]:
-        "Up to `k` track ids that continue the playlist, best first."
-        if not hasattr(self, "index_"): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
+        "Up to `k` catalogue track ids that continue the playlist, best first."
         self._check_k(k)
-        seeds = self.seed_indices(seed_track_ids)
-        ranked = self._rank(seeds, min(int(k) + len(seeds), len(self.track_ids_)))
-        return self.track_ids_[self._finish(ranked, seeds, k)].tolist()
+        q = self.read_seeds(seeds)
+        return self.track_ids_[self._finish(self._rank(q, self._wanted(q, k)), q.exclude, k)].tolist()
+
+    def recommend_explained(self, seeds: Iterable, k: int = 20) -> pd.DataFrame:
+        "The same tracks as `recommend`, as a table of track_id, score and reasons (a baseline has neither: NaN and [])."
+        ids = self.recommend(seeds, k)
+        return pd.DataFrame({TRACK_ID: ids, "score": [float("nan")] * len(ids), "reasons": [[] for _ in ids]})
+
+    def _wanted(self, q: Seeds, k: int) -> int:
+        "How many ranked tracks to ask `_rank` for, so that `k` are left once seeds are taken out."
+        return min(int(k) + len(q.exclude), len(self.track_ids_))
 
     @staticmethod
     def _check_k(k):
@@ -69,17 +73,18 @@ class Recommender:
             raise ValueError(f"k must be a positive integer, got {k!r}")
 
     @staticmethod
-    def _finish(ranked, seeds: np.ndarray, k: int) -> np.ndarray:
-        "The first `k` of `ranked` (catalogue indices), without duplicates and without seeds, best first."
+    def _finish(ranked, exclude: np.ndarray, k: int) -> np.ndarray:
+        "The first `k` of `ranked` (catalogue indices), without duplicates and without `exclude`, best first."
         ranked = np.asarray(ranked, dtype=np.int64)
         _, first = np.unique(ranked, return_index=True)
         ranked = ranked[np.sort(first)]  # no duplicates, best first
-        sorted_seeds = np.sort(seeds)
-        pos = np.searchsorted(sorted_seeds, ranked).clip(max=len(seeds) - 1)
-        return ranked[sorted_seeds[pos] != ranked][:k]  # never a seed
+        if len(exclude) == 0: return ranked[:k]
+        excl = np.sort(exclude)
+        pos = np.searchsorted(excl, ranked).clip(max=len(excl) - 1)
+        return ranked[excl[pos] != ranked][:k]  # never a seed
 
     def _fit(self, tracks: pd.DataFrame, playlist_tracks: pd.DataFrame): pass
-    def _rank(self, seeds: np.ndarray, n: int) -> np.ndarray: raise NotImplementedError
+    def _rank(self, q: Seeds, n: int) -> np.ndarray: raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:
         "Pickle the model behind a header that `load_recommender` checks first."
@@ -103,15 +108,16 @@ def load_recommender(path: str | Path) -> Recommender:
         return pickle.load(f)
 
 # %% ../nbs/06_recommend.ipynb #c7bb6a1c
-def _query_seed(seeds: np.ndarray) -> int:
-    return zlib.crc32(np.sort(seeds).astype(np.int64).tobytes())
+def _query_seed(q: Seeds) -> int:
+    "A number that identifies the query (its known seeds and its foreign seeds' names)."
+    return zlib.crc32(np.sort(q.known).astype(np.int64).tobytes() + "\x1f".join(q.names).encode())
 
 class RandomRecommender(Recommender):
     "Uniformly random tracks (a floor every model must clear)."
     name = "random"
     def __init__(self, seed: int = 0): self.seed = seed
-    def _rank(self, seeds, n):
-        rng = np.random.default_rng([self.seed, _query_seed(seeds)])
+    def _rank(self, q, n):
+        rng = np.random.default_rng([self.seed, _query_seed(q)])
         return rng.choice(len(self.track_ids_), size=n, replace=False)
 
 class PopularityRecommender(Recommender):
@@ -123,17 +129,25 @@ class PopularityRecommender(Recommender):
         score[counts.index.to_numpy()] = counts.to_numpy()
         score += tracks["track_popularity"].fillna(0).to_numpy() / 1000  # tie-break, never outranks a count
         self.order_ = np.argsort(-score, kind="stable")
-    def _rank(self, seeds, n): return self.order_[:n]
+    def _rank(self, q, n): return self.order_[:n]
 
 # %% ../nbs/06_recommend.ipynb #7bce4e57
+def _profile(model: Recommender, q: Seeds) -> np.ndarray:
+    "The seeds' mean raw audio profile, or ValueError when no seed says anything of audio."
+    x = q.audio_profile(model.lookup_)
+    if x is None: raise ValueError(f"{model.name} needs audio: no seed has audio features or an artist in the catalogue")
+    return x
+
 class ContentRecommender(Recommender):
     "Nearest tracks to the seeds' mean audio profile (standardised features)."
     name = "content"
     def _fit(self, tracks, playlist_tracks):
         X = tracks[AUDIO_FEATURES].to_numpy(dtype=float)
-        self.features_ = ((X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1)).astype(np.float32)
-    def _rank(self, seeds, n):
-        d = ((self.features_ - self.features_[seeds].mean(0)) ** 2).sum(1)
+        self.mean_, self.scale_ = X.mean(0), np.where(X.std(0) > 0, X.std(0), 1)
+        self.features_ = ((X - self.mean_) / self.scale_).astype(np.float32)
+    def _rank(self, q, n):
+        x = ((_profile(self, q) - self.mean_) / self.scale_).astype(np.float32)
+        d = ((self.features_ - x) ** 2).sum(1)
         top = np.argpartition(d, n - 1)[:n] if n < len(d) else np.arange(len(d))
         return top[np.argsort(d[top], kind="stable")]
 
@@ -163,14 +177,14 @@ class OriginalRecommender(Recommender):
                 dens = -((Z - gm.means_[c]) ** 2 / var).sum(1) if var is not None else gm.score_samples(Z)
                 self.lists_[(genre, c)] = members[np.argsort(-dens, kind="stable")]
 
-    def predict_genre(self, seeds: np.ndarray) -> str:
+    def predict_genre(self, q: Seeds) -> str:
         "The genre the classifier gives the seeds' mean audio features."
-        return str(self.classifier_.predict(self.features_[seeds].mean(0, keepdims=True))[0])
+        return str(self.classifier_.predict(_profile(self, q)[None])[0])
 
-    def _rank(self, seeds, n):
-        genre = self.predict_genre(seeds)
+    def _rank(self, q, n):
+        genre = self.predict_genre(q)
         gm = self.mixtures_.mixtures[genre]
-        c = int(gm.predict(self.mixtures_.transform(self.features_[seeds].mean(0, keepdims=True)))[0])
+        c = int(gm.predict(self.mixtures_.transform(_profile(self, q)[None]))[0])
         return self.lists_[(genre, c)][:n]
 
 # %% ../nbs/06_recommend.ipynb #4797d866
