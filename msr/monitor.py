@@ -116,9 +116,18 @@ class AudioProfile:
 
     def similarity(self, seeds, results) -> float:
         "Mean cosine similarity of the results to the seeds' mean profile (NaN if either is unknown)."
-        S, R = self.rows(seeds), self.rows(results)
-        if not len(S) or not len(R): return float("nan")
-        c = S.mean(0)
+        S = self.rows(seeds)
+        return self._cosine(S.mean(0), self.rows(results)) if len(S) else float("nan")
+
+    def similarity_to(self, profile: dict,  # feature -> the seeds' raw mean value (e.g. from `Seeds.audio_profile`)
+                      results) -> float:
+        "Mean cosine similarity of the results to a playlist's raw audio profile (for seeds the catalogue does not hold)."
+        x = np.array([profile[f] for f in self.features], dtype=np.float64)
+        return self._cosine((x - self.mean) / self.scale, self.rows(results))
+
+    @staticmethod
+    def _cosine(c: np.ndarray, R: np.ndarray) -> float:
+        if not len(R): return float("nan")
         norms = np.linalg.norm(R, axis=1) * np.linalg.norm(c)
         return float(np.mean(R @ c / np.where(norms > 0, norms, 1.0)))
 

@@ -44,11 +44,11 @@ class Recommender:
         self._fit(tracks, playlist_tracks[playlist_tracks[TRACK_ID].isin(self.index_)])
         return self
 
-    def read_seeds(self, seeds: Iterable,  # track ids and/or track records
+    def read_seeds(self, seeds: Iterable,  # track ids and/or track records (or `Seeds` already read)
                   ) -> Seeds:
         "The query's usable seeds (`msr.seeds.read_seeds`); ValueError saying what is missing when none is usable."
         if not hasattr(self, "index_"): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
-        return read_seeds(seeds, self.lookup_, self.index_)
+        return seeds if isinstance(seeds, Seeds) else read_seeds(seeds, self.lookup_, self.index_)
 
     def recommend(self, seeds: Iterable,  # the playlist so far: track ids and/or track records
                   k: int = 20,  # how many tracks to return

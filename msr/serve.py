@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 from pathlib import Path
 
@@ -23,12 +23,14 @@ import msr
 from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, read_json
 from .monitor import AudioProfile, MonitorLog, artist_diversity, monitor_path
 from .recommend import Recommender, load_recommender
+from .seeds import RECORD_FIELDS
 from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound, NotPermitted, SpotifyError, playlist_seeds
 
 # %% auto #0
 __all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'CARD_COLUMNS', 'RESULT_COLUMNS', 'MODEL_NAME', 'CHAMPION',
-           'CHALLENGER', 'OUTPUT_COLUMNS', 'REQUIREMENTS', 'BadRequest', 'Unavailable', 'parse_seeds', 'parse_k',
-           'spotify_url', 'Answer', 'Service', 'MsrModel', 'pinned_requirements', 'decide', 'register']
+           'CHALLENGER', 'OUTPUT_COLUMNS', 'REQUIREMENTS', 'EXAMPLE_RECORD', 'BadRequest', 'Unavailable', 'parse_seeds',
+           'parse_tracks', 'parse_k', 'spotify_url', 'Answer', 'Service', 'MsrModel', 'pinned_requirements', 'decide',
+           'register']
 
 # %% ../nbs/13_serve.ipynb #e2e26635
 DEFAULT_K = 20  # results when a request gives no k
@@ -59,6 +61,22 @@ def parse_seeds(seeds) -> list[str]:
     if bad: raise BadRequest(f"every seed must be a track id string, got {bad[0]!r}")
     return [s.strip() for s in seeds]
 
+def parse_tracks(tracks) -> list[dict]:
+    "The track records of a request (`msr.seeds.RECORD_FIELDS`), or `BadRequest` naming what is wrong with them."
+    if _missing(tracks): return []
+    if isinstance(tracks, np.ndarray): tracks = tracks.tolist()
+    if isinstance(tracks, dict) or not isinstance(tracks, (list, tuple)):
+        raise BadRequest(f"'tracks' must be a list of track records, got {type(tracks).__name__}")
+    if len(tracks) > MAX_SEEDS: raise BadRequest(f"too many tracks: {len(tracks)} (at most {MAX_SEEDS} per query)")
+    out = []
+    for i, t in enumerate(tracks):
+        if not isinstance(t, dict): raise BadRequest(f"tracks[{i}] must be a track record (an object), got {type(t).__name__}")
+        t = {key: v for key, v in t.items() if not _missing(v)}  # fields a table row left empty
+        extra = sorted(set(t) - set(RECORD_FIELDS))
+        if extra: raise BadRequest(f"tracks[{i}] has unknown field(s) {', '.join(map(repr, extra))}; a track record may hold {', '.join(RECORD_FIELDS)}")
+        out.append(t)
+    return out
+
 def parse_k(k) -> int:
     "`k` as an int in 1..MAX_K (DEFAULT_K when missing), or `BadRequest`."
     if _missing(k): return DEFAULT_K
@@ -79,14 +97,23 @@ def spotify_url(track_id: str) -> str:
 class Answer:
     "Recommendations for one playlist, with what the dashboard and the monitoring log need."
     rows: list  # one dict per result (RESULT_COLUMNS), best first
-    seeds: list  # the seeds the model knew
-    unknown: list  # seeds it did not know (ignored)
+    seeds: list  # the catalogue tracks among the seeds (ids, or records that are catalogue songs)
+    unknown: list  # seed ids it did not know (ignored)
     genre: str | None  # the genre the model read from the seeds
     similarity: float  # mean cosine similarity of the results to the seeds' audio profile
     diversity: float  # share of distinct artists among the results
     model_version: str  # which model answered
     seconds: float = 0.0  # time to answer
     imported: ImportedPlaylist | None = None  # the Spotify playlist the seeds came from, if any
+    foreign: int = 0  # seeds described by records the catalogue does not hold
+    with_features: int = 0  # foreign seeds that carried audio features
+    ignored: dict = field(default_factory=dict)  # seeds left out, by reason -> count
+
+    def seed_summary(self) -> str:
+        "One line on what the model made of the seeds."
+        left = "".join(f", {n} {why} ignored" for why, n in self.ignored.items())
+        return (f"{len(self.seeds)} seeds in msr's catalogue, {self.foreign} foreign "
+                f"({self.with_features} with audio features){left}")
 
     @property
     def table(self) -> pd.DataFrame:
@@ -122,45 +149,44 @@ class Service:
     def recommend(self, seeds=None, k=DEFAULT_K, source: str = "api",  # who asked (for the log)
                   log: bool = True,  # append the answer to the monitoring log now
                   playlist_url: str | None = None,  # a Spotify playlist whose tracks are the seeds (with `seeds`, if any)
+                  tracks: list | None = None,  # track records (msr.seeds): songs described by name, artist, album, date, audio
                  ) -> Answer:
         "Up to `k` tracks that continue the playlist; `BadRequest` for anything msr cannot answer, `Unavailable` if Spotify is down."
         t0 = time.perf_counter()
-        imported = None
+        imported, records = None, parse_tracks(tracks)
         if isinstance(playlist_url, str) and playlist_url.strip():
             imported = self.import_playlist(playlist_url)
-            seeds = imported.track_ids + ([] if _missing(seeds) else parse_seeds(seeds))
         elif not _missing(playlist_url):
             raise BadRequest(f"'playlist_url' must be a Spotify playlist link, got {type(playlist_url).__name__}")
-        seeds, k = parse_seeds(seeds), parse_k(k)
-        index = self.model.index_
-        unique = list(dict.fromkeys(seeds))
-        known, unknown = [s for s in unique if s in index], [s for s in unique if s not in index]
-        if not known:
-            shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
-            where = f"of the Spotify playlist ({imported.summary()}) " if imported else ""
-            raise BadRequest(f"none of the {len(unknown)} seed track ids {where}is in msr's catalogue ({shown})")
-        genre = None
-        if hasattr(self.model, "recommend_explained"):
-            t = self.model.recommend_explained(known, k)
-            ids, scores, reasons, genre = t[TRACK_ID].tolist(), t["score"].tolist(), t["reasons"].tolist(), t.attrs.get("genre")
-        else:  # a baseline: no scores, no reasons
-            ids = self.model.recommend(known, k)
-            scores, reasons = [float("nan")] * len(ids), [[] for _ in ids]
+        if _missing(seeds) and (records or imported): seeds = []
+        else: seeds = parse_seeds(seeds)
+        k = parse_k(k)
+        items = (imported.records() if imported else []) + seeds + records
+        try: q = self.model.read_seeds(items)
+        except (ValueError, TypeError) as e:
+            where = f" (Spotify playlist: {imported.summary()})" if imported else ""
+            raise BadRequest(str(e).replace("in the catalogue", "in msr's catalogue") + where) from None
+        t = self.model.recommend_explained(q, k)  # a baseline answers with NaN scores and no reasons
+        ids, scores, reasons, genre = t[TRACK_ID].tolist(), t["score"].tolist(), t["reasons"].tolist(), t.attrs.get("genre")
+        known = self.model.track_ids_[q.known].tolist()
+        unknown = [s for s in dict.fromkeys(seeds) if s not in self.model.index_]
+        profile = q.audio_profile(self.model.lookup_)
         none = (None, None)
         rows = [{"rank": r, TRACK_ID: t, "track_name": self.cards.get(t, none)[0], "track_artist": self.cards.get(t, none)[1],
                  "url": spotify_url(t), "score": s, "reasons": list(why)}
                 for r, (t, s, why) in enumerate(zip(ids, scores, reasons), 1)]
-        answer = Answer(rows, known, unknown, genre, self.profile.similarity(known, ids),
-                        artist_diversity(r["track_artist"] for r in rows), self.model_version, time.perf_counter() - t0, imported)
+        answer = Answer(rows, known, unknown, genre, self.profile.similarity_to(dict(zip(AUDIO_FEATURES, profile)), ids) if profile is not None else float("nan"),
+                        artist_diversity(r["track_artist"] for r in rows), self.model_version, time.perf_counter() - t0, imported,
+                        q.n_foreign, int(q.has_audio.sum()), q.ignored)
         if log: self.log(answer, source)
         return answer
 
     def import_playlist(self, link: str) -> ImportedPlaylist:
         "A Spotify playlist's tracks (`msr.spotify.playlist_seeds`), with Spotify's refusals as `BadRequest`."
-        try: imported = playlist_seeds(link)
+        try: imported = playlist_seeds(link, skip=self.model.index_)
         except (BadPlaylistLink, NotConfigured, NotPermitted, NotFound) as e: raise BadRequest(str(e)) from None
         except SpotifyError as e: raise Unavailable(str(e)) from None
-        if not imported.track_ids: raise BadRequest(f"the Spotify playlist has no tracks msr can use: {imported.summary()}")
+        if not len(imported.tracks): raise BadRequest(f"the Spotify playlist has no tracks msr can use: {imported.summary()}")
         return imported
 
     def log(self, answer: Answer, source: str = "api"):
@@ -172,7 +198,7 @@ class Service:
 # %% ../nbs/13_serve.ipynb #6289b37a
 MODEL_NAME = "msr-recommender"  # the registered model
 CHAMPION, CHALLENGER = "champion", "challenger"  # registry aliases
-OUTPUT_COLUMNS = ["query"] + RESULT_COLUMNS + ["genre", "model_version"]
+OUTPUT_COLUMNS = ["query"] + RESULT_COLUMNS + ["genre", "model_version", "seeds_known", "seeds_foreign", "seeds_with_features"]
 
 def _version_label(artifact: str | Path) -> str:
     "'msr-recommender vN' for the registered model holding `artifact`, else its run id, else 'local'."
@@ -202,7 +228,8 @@ class MsrModel(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(f"too many queries in one request: {len(df)} (at most {MAX_QUERIES})")
         answers = []
         for i, row in enumerate(df.to_dict("records")):
-            try: answers.append(self.service.recommend(row.get("seeds"), row.get("k"), log=False, playlist_url=row.get("playlist_url")))
+            try: answers.append(self.service.recommend(row.get("seeds"), row.get("k"), log=False, playlist_url=row.get("playlist_url"),
+                                                       tracks=row.get("tracks")))
             except BadRequest as e:
                 raise MlflowException.invalid_parameter_value(f"query {i}: {e}" if len(df) > 1 else str(e)) from None
             except Unavailable as e:  # HTTP 503: worth retrying later
@@ -210,7 +237,8 @@ class MsrModel(mlflow.pyfunc.PythonModel):
                 raise MlflowException(f"query {i}: {e}" if len(df) > 1 else str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
         for a in answers: self.service.log(a, "rest")  # only once the whole request is answered
         # plain records: the scoring server writes them as they are (a DataFrame costs milliseconds more per request)
-        return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version} for i, a in enumerate(answers) for r in a.rows]
+        return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version, "seeds_known": len(a.seeds),
+                 "seeds_foreign": a.foreign, "seeds_with_features": a.with_features} for i, a in enumerate(answers) for r in a.rows]
 
 # %% ../nbs/13_serve.ipynb #cebba4d1
 REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml"]
@@ -241,6 +269,9 @@ def _champion(client, name: str):
     try: return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException: return None
 
+EXAMPLE_RECORD = {"track_name": "Espresso", "track_artist": "Sabrina Carpenter", "track_album_name": "Short n' Sweet",
+                  "track_album_release_date": "2024-08-23"}  # a song from after the archive, in the REST input example
+
 def register(model_path: str | Path = MODELS_DIR / "recommender.pkl",  # the train stage's model
              tracks_path: str | Path = TRACKS,  # the catalogue
              evaluation_path: str | Path = METRICS_DIR / "recommend.json",  # the evaluate stage's metrics
@@ -267,7 +298,7 @@ def register(model_path: str | Path = MODELS_DIR / "recommender.pkl",  # the tra
             info = mlflow.pyfunc.log_model(
                 name="recommender", python_model=MsrModel(),
                 artifacts={"recommender": str(model_path), "tracks": str(slim)},
-                signature=_signature(), input_example=pd.DataFrame({"seeds": [example], "k": [10]}),
+                signature=_signature(), input_example=pd.DataFrame({"seeds": [example], "tracks": [[EXAMPLE_RECORD]], "k": [10]}),
                 pip_requirements=pinned_requirements(), registered_model_name=name,
                 metadata={"msr_version": msr.__version__, "evaluation": {f"{setting}.{metric}": score}})
             new = str(info.registered_model_version)
@@ -293,11 +324,16 @@ def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
     from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import Object, Property
+    whole = {"key", "mode", "duration_ms", "track_popularity"}
+    record = Object([Property(f, DataType.string if f not in AUDIO_FEATURES + ["track_popularity"] else
+                              DataType.long if f in whole else DataType.double, required=False) for f in RECORD_FIELDS])
     inputs = Schema([ColSpec(Array(DataType.string), "seeds", required=False), ColSpec(DataType.long, "k", required=False),
-                     ColSpec(DataType.string, "playlist_url", required=False)])
+                     ColSpec(DataType.string, "playlist_url", required=False), ColSpec(Array(record), "tracks", required=False)])
     outputs = Schema([ColSpec(DataType.long, "query"), ColSpec(DataType.long, "rank"), ColSpec(DataType.string, TRACK_ID),
                       ColSpec(DataType.string, "track_name"), ColSpec(DataType.string, "track_artist"),
                       ColSpec(DataType.string, "url"), ColSpec(DataType.double, "score"),
                       ColSpec(Array(DataType.string), "reasons"), ColSpec(DataType.string, "genre"),
-                      ColSpec(DataType.string, "model_version")])
+                      ColSpec(DataType.string, "model_version"), ColSpec(DataType.long, "seeds_known"),
+                      ColSpec(DataType.long, "seeds_foreign"), ColSpec(DataType.long, "seeds_with_features")])
     return ModelSignature(inputs=inputs, outputs=outputs)

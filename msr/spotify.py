@@ -20,14 +20,15 @@ from typing import Callable
 import pandas as pd
 import requests
 
-from .core import AUDIO_FEATURES, TRACK_ID
+from .core import AUDIO_FEATURES, TRACK_ID, TRACKS
+from .seeds import RECORD_FIELDS
 
 # %% auto #0
-__all__ = ['EDITORIAL_PREFIX', 'USER_SCOPES', 'PROVIDER_BATCH', 'SPOTIFY_FEATURES_BATCH', 'DEFAULT_USER', 'SpotifyError',
-           'NotConfigured', 'BadCredentials', 'NotPermitted', 'NotFound', 'RateLimited', 'SpotifyUnavailable',
-           'BadPlaylistLink', 'parse_playlist_id', 'default_cache_dir', 'SpotifySettings', 'PrivateTokenCache',
-           'retry_after', 'Caller', 'redact_secrets', 'app_client', 'user_client', 'ImportedPlaylist',
-           'import_playlist', 'FeatureChain', 'playlist_seeds', 'main']
+__all__ = ['EDITORIAL_PREFIX', 'USER_SCOPES', 'IMPORT_COLUMNS', 'PROVIDER_BATCH', 'SPOTIFY_FEATURES_BATCH', 'DEFAULT_USER',
+           'SpotifyError', 'NotConfigured', 'BadCredentials', 'NotPermitted', 'NotFound', 'RateLimited',
+           'SpotifyUnavailable', 'BadPlaylistLink', 'parse_playlist_id', 'default_cache_dir', 'SpotifySettings',
+           'PrivateTokenCache', 'retry_after', 'Caller', 'redact_secrets', 'app_client', 'user_client',
+           'ImportedPlaylist', 'import_playlist', 'FeatureChain', 'playlist_seeds', 'main']
 
 # %% ../nbs/15_spotify.ipynb #c1ae0d5a
 class SpotifyError(RuntimeError):
@@ -104,6 +105,7 @@ class SpotifySettings:
     max_retry_after: float = 30.0  # a longer Retry-After is not waited for: RateLimited at once
     backoff: float = 0.5  # first backoff (s), doubled each retry, with jitter
     cache_dir: Path = field(default_factory=default_cache_dir)
+    features_url: str = "https://api.reccobeats.com"  # ReccoBeats-shaped audio-features provider for imported playlists ('' for none)
 
     @classmethod
     def from_env(cls, **overrides) -> "SpotifySettings":
@@ -114,6 +116,7 @@ class SpotifySettings:
         for key, name in (("api_url", "MSR_SPOTIFY_API_URL"), ("token_url", "MSR_SPOTIFY_TOKEN_URL"),
                           ("authorize_url", "MSR_SPOTIFY_AUTHORIZE_URL")):  # proxies and test doubles
             if os.environ.get(name): values[key] = os.environ[name]
+        if "MSR_FEATURES_URL" in os.environ: values["features_url"] = os.environ["MSR_FEATURES_URL"]  # '' switches the provider off
         return cls(**{**values, **overrides})
 
     @property
@@ -267,15 +270,31 @@ def user_client(user: str = "me",  # names the token file: one per person using 
     return _client(auth, settings)
 
 # %% ../nbs/15_spotify.ipynb #b1cf4367
+IMPORT_COLUMNS = [TRACK_ID, "track_name", "track_artist", "track_album_id", "track_album_name", "track_album_release_date"]
+
 @dataclass
 class ImportedPlaylist:
     "The tracks of a Spotify playlist msr can use, and what it skipped."
     playlist_id: str
-    tracks: pd.DataFrame  # track_id, track_name, track_artist, track_album_name, in playlist order, no repeats
+    tracks: pd.DataFrame  # IMPORT_COLUMNS (+ AUDIO_FEATURES once `add_features` ran), in playlist order, no repeats
     skipped: dict  # reason -> count
+    features: dict = field(default_factory=dict)  # the feature chain's report (`FeatureChain.features`), if it ran
 
     @property
     def track_ids(self) -> list[str]: return self.tracks[TRACK_ID].tolist()
+
+    def records(self) -> list[dict]:
+        "Every track as a track record (`msr.seeds`): the fields it has, missing ones left out."
+        cols = [c for c in self.tracks.columns if c in RECORD_FIELDS]
+        return [{k: v for k, v in r.items() if v is not None and v == v} for r in self.tracks[cols].to_dict("records")]
+
+    def add_features(self, chain,  # a `FeatureChain`
+                     skip=(),  # track ids that need none (the catalogue's)
+                    ) -> "ImportedPlaylist":
+        "Audio features for the tracks outside `skip`, from the chain (complete rows only; the rest go without)."
+        feats, self.features = chain.features([t for t in self.track_ids if t not in skip])
+        self.tracks = self.tracks.drop(columns=[c for c in AUDIO_FEATURES if c in self.tracks]).join(feats, on=TRACK_ID)
+        return self
 
     def summary(self) -> str:
         "One line: how many tracks, and what was skipped."
@@ -315,12 +334,14 @@ def import_playlist(client,  # a spotipy client (`user_client` for playlists sin
             elif t["id"] in seen: skipped["repeats"] += 1
             else:
                 seen.add(t["id"])
+                album = t.get("album") if isinstance(t.get("album"), dict) else {}
                 rows.append({TRACK_ID: t["id"], "track_name": t.get("name"),
                              "track_artist": ", ".join(a.get("name", "") for a in t.get("artists") or []) or None,
-                             "track_album_name": (t.get("album") or {}).get("name")})
+                             "track_album_id": album.get("id"), "track_album_name": album.get("name"),
+                             "track_album_release_date": album.get("release_date")})
         offset += len(page["items"])
         if not page.get("next") or not page["items"]: break
-    tracks = pd.DataFrame(rows, columns=[TRACK_ID, "track_name", "track_artist", "track_album_name"])
+    tracks = pd.DataFrame(rows, columns=IMPORT_COLUMNS)
     return ImportedPlaylist(pid, tracks, {k: skipped[k] for k in ("local files", "episodes", "unavailable tracks", "repeats") if skipped[k]})
 
 # %% ../nbs/15_spotify.ipynb #b6d8c2b2
@@ -410,8 +431,11 @@ class FeatureChain:
 # %% ../nbs/15_spotify.ipynb #794fc928
 DEFAULT_USER = "me"
 
-def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySettings | None = None) -> ImportedPlaylist:
-    "The tracks of a Spotify playlist, read as the logged-in `user`; `NotConfigured` saying what to do if msr cannot log in."
+def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySettings | None = None,
+                   skip=(),  # track ids that need no audio features (the catalogue's)
+                   features: bool = True,  # ask the feature chain (provider, then Spotify) for the other tracks' audio features
+                  ) -> ImportedPlaylist:
+    "The tracks of a Spotify playlist as records, read as the logged-in `user`, with audio features where the chain has them; `NotConfigured` saying what to do if msr cannot log in."
     pid = parse_playlist_id(link)  # a bad link is refused before anything else
     settings = settings or SpotifySettings.from_env()
     if not settings.client_id:
@@ -420,7 +444,11 @@ def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySetting
     if PrivateTokenCache(user, settings.cache_dir).get_cached_token() is None:
         raise NotConfigured(f"no Spotify login for '{user}' on this machine: run `msr-spotify login` once "
                             "(since 2026 Spotify lets apps read only the logged-in user's own playlists)")
-    return import_playlist(user_client(user, settings), pid, Caller(settings))
+    client = user_client(user, settings)
+    imported = import_playlist(client, pid, Caller(settings))
+    if features and len(imported.tracks):
+        imported.add_features(FeatureChain(provider_url=settings.features_url, spotify=client, caller=Caller(settings)), skip)
+    return imported
 
 def main(argv: list[str] | None = None):
     "`msr-spotify login` (once per person) and `msr-spotify import <link>`."
@@ -443,9 +471,15 @@ def main(argv: list[str] | None = None):
             print(f"msr-spotify: logged in; token stored in {PrivateTokenCache(args.user, settings.cache_dir).path} (mode 0600)")
         else:
             if not args.link: ap.error("import needs a playlist link")
-            got = playlist_seeds(args.link, args.user, settings)
+            catalogue = set(pd.read_parquet(TRACKS, columns=[TRACK_ID])[TRACK_ID]) if TRACKS.exists() else set()
+            got = playlist_seeds(args.link, args.user, settings, skip=catalogue)
+            known = got.tracks[TRACK_ID].isin(catalogue)
+            with_features = int(got.tracks.reindex(columns=AUDIO_FEATURES).notna().all(1)[~known].sum())
             print(got.summary())
-            for r in got.tracks.itertuples(index=False): print(f"{r.track_id}\t{r.track_name} — {r.track_artist}")
+            print(f"{int(known.sum())} in msr's catalogue, {int((~known).sum())} foreign ({with_features} with audio features)"
+                  + ("" if TRACKS.exists() else f"; no catalogue at {TRACKS} yet (make run)"))
+            for r in got.tracks.itertuples(index=False):
+                print(f"{r.track_id}\t{r.track_name} — {r.track_artist}\t{'catalogue' if r.track_id in catalogue else 'foreign'}")
     except (SpotifyError, BadPlaylistLink) as e:
         print(f"msr-spotify: {e}", file=sys.stderr)
         sys.exit(1)
