@@ -16,11 +16,12 @@ from IPython.display import display
 
 from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params
 from .monitor import MonitorLog, monitor_path, plot_served, summarize_served
+from .seeds import normalize, release_year
 from .serve import CHAMPION, MODEL_NAME, Answer, BadRequest, Service
 
 # %% auto #0
-__all__ = ['project_root', 'load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'track_label', 'results_html',
-           'summary_html', 'profile_figure', 'Dashboard']
+__all__ = ['project_root', 'load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table',
+           'search_artists', 'track_label', 'results_html', 'summary_html', 'profile_figure', 'Dashboard']
 
 # %% ../nbs/14_app.ipynb #01cc445d
 def project_root(start: str | Path | None = None) -> Path:
@@ -72,6 +73,19 @@ def search_tracks(tracks: pd.DataFrame, query: str, limit: int = 25) -> pd.DataF
     if "track_popularity" in hits: hits = hits.sort_values("track_popularity", ascending=False, kind="stable")
     return hits.head(limit)
 
+def artist_table(tracks: pd.DataFrame) -> pd.DataFrame:
+    "The catalogue's artists with their normalised names and track counts, most tracks first."
+    counts = tracks["track_artist"].dropna().astype(str).value_counts()
+    return pd.DataFrame({"artist": counts.index, "key": counts.index.map(normalize), "tracks": counts.to_numpy()})
+
+def search_artists(artists: pd.DataFrame,  # `artist_table`
+                   query: str, limit: int = 20) -> list[str]:
+    "Artist names for autocomplete: names starting with the (normalised) query first, then names containing it; most tracks first."
+    q = normalize(query)
+    if not q: return []
+    starts, inside = artists["key"].str.startswith(q), artists["key"].str.contains(q, regex=False)
+    return pd.concat([artists.loc[starts, "artist"], artists.loc[inside & ~starts, "artist"]]).head(limit).tolist()
+
 def track_label(row) -> str:
     "'Title — Artist' for pickers."
     return f"{row['track_name']} — {row['track_artist']}"
@@ -91,19 +105,21 @@ def results_html(answer: Answer) -> str:
 
 def summary_html(answer: Answer) -> str:
     "One line about the answer: genre, similarity, diversity, model version, time, ignored seeds."
-    parts = [f"<b>{len(answer.table)}</b> recommendations for {len(answer.seeds)} seed track(s)",
+    parts = [f"<b>{len(answer.table)}</b> recommendations for {len(answer.seeds) + answer.foreign} seed(s): "
+             f"<span class='msr-seed-summary'>{html.escape(answer.seed_summary())}</span>",
              f"predicted genre: <b>{html.escape(str(answer.genre or 'n/a'))}</b>",
              f"similarity to the playlist: {answer.similarity:.2f}", f"artist diversity: {answer.diversity:.2f}",
              f"model: <span class='msr-model'>{html.escape(answer.model_version)}</span>", f"{answer.seconds * 1000:.0f} ms"]
     if answer.imported is not None: parts.insert(0, html.escape(answer.imported.summary()))
-    if answer.unknown: parts.append(f"{len(answer.unknown)} seed(s) not in the catalogue were ignored")
     return " · ".join(parts)
 
 def profile_figure(service: Service, answer: Answer):
     "Bars: the seeds' and the recommendations' mean audio features, in catalogue standard deviations."
     import matplotlib.pyplot as plt
     p = service.profile
-    seeds, recs = p.rows(answer.seeds).mean(0), p.rows(answer.table[TRACK_ID]).mean(0)
+    seeds = ((np.array([answer.profile[f] for f in p.features]) - p.mean) / p.scale if answer.profile is not None
+             else p.rows(answer.seeds).mean(0))  # the profile includes what foreign seeds carried
+    recs = p.rows(answer.table[TRACK_ID]).mean(0)
     y = np.arange(len(p.features))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.barh(y + 0.2, seeds, 0.4, label="playlist (seeds)")
@@ -128,7 +144,8 @@ class Dashboard:
         self.service, self.tracks, self.pt = service, tracks, playlist_tracks
         self.monitor, self.window, self.threshold = monitor, window, threshold
         self.playlists = playlist_table(playlist_tracks)
-        self.picked: list[str] = []
+        self.artists = artist_table(tracks)
+        self.picked: list = []  # catalogue track ids and track records of songs the catalogue does not hold
         self.answer: Answer | None = None
         self._build()
 
@@ -160,6 +177,11 @@ class Dashboard:
         self.track_add = W.Button(description="Add to seeds", icon="plus")
         self.track_clear = W.Button(description="Clear seeds", icon="trash")
         self.seed_list = W.HTML("<i>no seeds yet</i>")
+        self.new_title = W.Text(placeholder="title of a song msr does not have", description="Title", layout=lay)
+        self.new_artist = W.Combobox(placeholder="artist (suggestions from the catalogue)", description="Artist",
+                                     options=[], ensure_option=False, layout=lay)
+        self.new_date = W.Text(placeholder="release year, e.g. 2024 (optional)", description="Released", layout=lay)
+        self.new_add = W.Button(description="Add song", icon="plus")
         self.k = W.IntSlider(value=20, min=5, max=100, step=5, description="k")
         self.go = W.Button(description="Recommend", button_style="primary", icon="music")
         self.status = W.HTML()
@@ -169,7 +191,8 @@ class Dashboard:
         self.monitor_summary = W.HTML()
         self.monitor_plot = W.Output()
         for w, cls in [(self.go, "msr-go"), (self.playlist_pick, "msr-playlist"), (self.playlist_query, "msr-playlist-search"),
-                       (self.track_query, "msr-track-search"), (self.spotify_link, "msr-spotify-link"), (self.track_hits, "msr-track-hits"), (self.status, "msr-status"),
+                       (self.track_query, "msr-track-search"),
+                       (self.new_title, "msr-new-title"), (self.new_artist, "msr-new-artist"), (self.new_date, "msr-new-date"), (self.new_add, "msr-new-add"), (self.spotify_link, "msr-spotify-link"), (self.track_hits, "msr-track-hits"), (self.status, "msr-status"),
                        (self.results, "msr-results-box"), (self.monitor_summary, "msr-monitor-summary"), (self.k, "msr-k"),
                        (self.plot, "msr-profile-plot"), (self.monitor_plot, "msr-monitor-plot")]:
             w.add_class(cls)
@@ -179,11 +202,15 @@ class Dashboard:
         self.track_query.observe(lambda ch: self._find_tracks(), names="value")
         self.track_add.on_click(lambda _: self._add_tracks())
         self.track_clear.on_click(lambda _: self._clear_tracks())
+        self.new_artist.observe(lambda ch: self._suggest_artists(ch["new"]), names="value")
+        self.new_add.on_click(lambda _: self._add_song())
         self.go.on_click(lambda _: self.recommend())
         self.monitor_refresh.on_click(lambda _: self.refresh_monitor())
         self.playlist_box = W.VBox([self.playlist_query, self.playlist_pick])
+        new_song = W.VBox([W.HTML("<b>Or a song msr does not have</b> (a new release, a track from your own playlist):"),
+                           self.new_title, self.new_artist, self.new_date, self.new_add])
         self.track_box = W.VBox([W.HBox([self.track_query, self.track_find]), self.track_hits,
-                                 W.HBox([self.track_add, self.track_clear]), self.seed_list])
+                                 W.HBox([self.track_add, self.track_clear]), new_song, self.seed_list])
         self.track_box.layout.display = "none"
         self.mode.observe(self._switch, names="value")
         header = W.HTML(f"<h2>msr — continue a playlist</h2><p>{len(self.tracks):,} tracks · {len(self.playlists):,} playlists · "
@@ -212,7 +239,22 @@ class Dashboard:
         if self.track_query.value.strip() and not len(hits): self._say(f"no track matches '{self.track_query.value}'", error=True)
 
     def _add_tracks(self):
-        self.picked = list(dict.fromkeys(self.picked + list(self.track_hits.value)))
+        self.picked += [t for t in dict.fromkeys(self.track_hits.value) if t not in self.picked]
+        self._show_picked()
+
+    def _suggest_artists(self, text: str):
+        self.new_artist.options = search_artists(self.artists, text) if len(text.strip()) >= 2 else []
+
+    def _add_song(self):
+        "Add the typed song as a track record (a foreign seed when the catalogue does not hold it)."
+        title, artist, date = self.new_title.value.strip(), self.new_artist.value.strip(), self.new_date.value.strip()
+        if not title: return self._say("type the title of the song first", error=True)
+        if not artist and not date: return self._say("give the artist of the song (or at least its release year)", error=True)
+        if date and np.isnan(release_year(date)): return self._say(f"'{date}' is not a release year or date (e.g. 2024 or 2024-05-01)", error=True)
+        record = {"track_name": title, **({"track_artist": artist} if artist else {}), **({"track_album_release_date": date} if date else {})}
+        if record not in self.picked: self.picked.append(record)
+        self.new_title.value = self.new_artist.value = self.new_date.value = ""
+        self._say(f"added '{title}'")
         self._show_picked()
 
     def _clear_tracks(self):
@@ -221,20 +263,23 @@ class Dashboard:
 
     def _show_picked(self):
         if not self.picked: self.seed_list.value = "<i>no seeds yet</i>"; return
-        cards = self.tracks.set_index(TRACK_ID).reindex(self.picked)
-        items = "".join(f"<li>{html.escape(str(n))} — {html.escape(str(a))}</li>" for n, a in zip(cards["track_name"], cards["track_artist"]))
+        ids = [t for t in self.picked if isinstance(t, str)]
+        cards = self.tracks.set_index(TRACK_ID).reindex(ids)[["track_name", "track_artist"]].to_dict("index")
+        items = "".join(f"<li>{html.escape(str(cards[t]['track_name']))} — {html.escape(str(cards[t]['track_artist']))}</li>" if isinstance(t, str) else
+                        f"<li class='msr-new-seed'>{html.escape(t['track_name'])} — {html.escape(t.get('track_artist', '?'))} <i>(not in the catalogue)</i></li>"
+                        for t in self.picked)
         self.seed_list.value = f"<b>{len(self.picked)} seed(s)</b><ol>{items}</ol>"
 
     def _say(self, text: str, error: bool = False):
         color = "#b00020" if error else "#555"
         self.status.value = f"<span class='{'msr-error' if error else 'msr-info'}' style='color:{color}'>{html.escape(text)}</span>"
 
-    def seeds(self) -> list[str]:
-        "The seed track ids of the current choice (`BadRequest` if there are none)."
+    def seeds(self) -> list:
+        "The seeds of the current choice: track ids, and track records of typed-in songs (`BadRequest` if there are none)."
         if self.mode.value == "Dataset playlist":
             if self.playlist_pick.value is None: raise BadRequest("pick a playlist first (type part of its name to find it)")
             return self.pt.loc[self.pt[PLAYLIST_ID] == self.playlist_pick.value, TRACK_ID].tolist()
-        if not self.picked: raise BadRequest("add at least one track to the seeds first (search, select, 'Add to seeds')")
+        if not self.picked: raise BadRequest("add at least one track to the seeds first (search, select, 'Add to seeds', or type a song)")
         return list(self.picked)
 
     def recommend(self) -> Answer | None:
@@ -246,7 +291,9 @@ class Dashboard:
                 self._say("reading the playlist from Spotify…")
                 self.answer = self.service.recommend(k=self.k.value, source="dashboard", playlist_url=self.spotify_link.value)
             else:
-                self.answer = self.service.recommend(self.seeds(), self.k.value, source="dashboard")
+                seeds = self.seeds()
+                ids, records = [s for s in seeds if isinstance(s, str)], [s for s in seeds if isinstance(s, dict)]
+                self.answer = self.service.recommend(ids or None, self.k.value, source="dashboard", tracks=records)
         except (BadRequest, ValueError) as e:
             self.results.value = ""; self.plot.clear_output()
             self._say(str(e), error=True); return None

@@ -51,7 +51,7 @@ def _missing(value) -> bool:
 def parse_seeds(seeds) -> list[str]:
     "The seed ids of a request, stripped, or `BadRequest` naming what is wrong with them."
     if _missing(seeds):
-        raise BadRequest("'seeds' is missing: give a list of Spotify track ids (or a Spotify 'playlist_url')")
+        raise BadRequest("'seeds' is missing: give a list of Spotify track ids, 'tracks' (track records) or a Spotify 'playlist_url'")
     if isinstance(seeds, (str, bytes)): raise BadRequest("'seeds' must be a list of track ids, not a single string")
     if isinstance(seeds, np.ndarray): seeds = seeds.tolist()
     if not isinstance(seeds, (list, tuple)): raise BadRequest(f"'seeds' must be a list of track ids, got {type(seeds).__name__}")
@@ -108,6 +108,7 @@ class Answer:
     foreign: int = 0  # seeds described by records the catalogue does not hold
     with_features: int = 0  # foreign seeds that carried audio features
     ignored: dict = field(default_factory=dict)  # seeds left out, by reason -> count
+    profile: dict | None = None  # the seeds' raw mean audio features (foreign seeds' included), None if they say nothing of audio
 
     def seed_summary(self) -> str:
         "One line on what the model made of the seeds."
@@ -177,7 +178,8 @@ class Service:
                 for r, (t, s, why) in enumerate(zip(ids, scores, reasons), 1)]
         answer = Answer(rows, known, unknown, genre, self.profile.similarity_to(dict(zip(AUDIO_FEATURES, profile)), ids) if profile is not None else float("nan"),
                         artist_diversity(r["track_artist"] for r in rows), self.model_version, time.perf_counter() - t0, imported,
-                        q.n_foreign, int(q.has_audio.sum()), q.ignored)
+                        q.n_foreign, int(q.has_audio.sum()), q.ignored,
+                        dict(zip(AUDIO_FEATURES, profile)) if profile is not None else None)
         if log: self.log(answer, source)
         return answer
 

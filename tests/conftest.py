@@ -152,6 +152,44 @@ def served_project(songs, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def spotify_fake():
+    "A fake Spotify Web API, token endpoint and audio-features provider on 127.0.0.1 (tests/fake_spotify.py), one per session."
+    from fake_spotify import serve as serve_fake
+    server, url = serve_fake(roles=("api", "token", "provider"))
+    try: yield server.fake, url
+    finally: server.shutdown(); server.server_close()
+
+
+def spotify_env(url: str, cache: Path) -> dict:
+    """Environment for a server whose Spotify is the fake at `url`, with a person logged in (their token in a private
+    cache file under `cache`) and the fake as audio-features provider."""
+    import time
+    from fake_spotify import CLIENT_ID, USER_TOKEN
+    from msr.spotify import PrivateTokenCache
+    PrivateTokenCache("me", cache).save_token_to_cache(
+        {"access_token": USER_TOKEN, "token_type": "Bearer", "expires_in": 3600, "expires_at": int(time.time()) + 36000,
+         "scope": "playlist-read-private playlist-read-collaborative", "refresh_token": "r"})
+    return {"SPOTIFY_CLIENT_ID": CLIENT_ID, "MSR_SPOTIFY_API_URL": f"{url}/v1/", "MSR_SPOTIFY_TOKEN_URL": f"{url}/api/token",
+            "MSR_SPOTIFY_CACHE": str(cache), "MSR_FEATURES_URL": url}
+
+
+def foreign_playlist(project: Path, n: int = 12):
+    """A real person's playlist: the first `n` tracks of the sample's largest playlist as songs msr has never seen
+    (fresh Spotify ids, new titles, new albums), keeping their artists and dates; the catalogue rows they stand for,
+    and the rest of that playlist."""
+    tracks = pd.read_parquet(project / "data/processed/tracks.parquet").set_index("track_id")
+    pt = pd.read_parquet(project / "data/processed/playlist_tracks.parquet")
+    biggest = pt["playlist_id"].value_counts().index[0]
+    members = pt.loc[pt["playlist_id"] == biggest, "track_id"].tolist()
+    rows = tracks.loc[members[:n]]
+    objects = [{"id": f"{9_000 + i:022d}", "type": "track", "name": f"Unreleased demo {i}",
+                "artists": [{"name": a} for a in r.track_artist.split(", ")],
+                "album": {"id": f"new-album-{i}", "name": f"Demos {i}", "release_date": r.track_album_release_date}}
+               for i, r in enumerate(rows.itertuples())]
+    return objects, rows, members[n:]
+
+
 def served_env(project: Path, monitor_db: Path) -> dict:
     "Environment for a server over `served_project`: its MLflow store, its monitoring log, .venv/bin on PATH."
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MSR_"))}

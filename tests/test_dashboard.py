@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import BIN, ROOT, free_port, served_env, start_server, stop_server
+from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, spotify_env, start_server, stop_server
+from msr.core import AUDIO_FEATURES
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -26,11 +27,12 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is no
 
 
 @pytest.fixture(scope="module")
-def dashboard(served_project, tmp_path_factory):
-    "`voila nbs/dashboard.ipynb` on 127.0.0.1 with a token, as `make dashboard` runs it, over the served project."
+def dashboard(served_project, tmp_path_factory, spotify_fake):
+    """`voila nbs/dashboard.ipynb` on 127.0.0.1 with a token, as `make dashboard` runs it, over the served project,
+    with Spotify configured against the fake (tests/fake_spotify.py) and a person logged in."""
     logs = tmp_path_factory.mktemp("dashboard")
     port, token = free_port(), secrets.token_urlsafe(16)
-    env = served_env(served_project, logs / "served.sqlite")
+    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(spotify_fake[1], logs / "spotify-tokens")}
     proc = start_server([str(BIN / "voila"), str(ROOT / "nbs/dashboard.ipynb"), "--no-browser", "--strip_sources=True",
                          "--Voila.ip=127.0.0.1", f"--port={port}", f"--token={token}"],
                         ROOT / "nbs", env, f"tcp://127.0.0.1:{port}", logs / "voila.log")
@@ -111,3 +113,47 @@ def test_pick_tracks_and_errors(page, served_project):
     page.wait_for_selector(".msr-monitor-plot img", timeout=30_000)  # the similarity trend
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "dashboard-monitor.png"), full_page=True)
+
+
+def test_songs_msr_does_not_have(page, served_project):
+    "A person types two songs the catalogue does not hold; the artist box suggests catalogue artists as they type."
+    tracks = pd.read_parquet(served_project / "data/processed/tracks.parquet")
+    artists = tracks["track_artist"].value_counts().index[:2].tolist()
+    page.click("text=Pick tracks")
+    for i, artist in enumerate(artists):
+        page.fill(".msr-new-title input", f"A song from 2026 ({i})")
+        page.locator(".msr-new-artist input").press_sequentially(artist[:4].lower(), delay=50)
+        page.wait_for_function(  # the suggestions (a datalist) offer the catalogue's spelling
+            """a => [...document.querySelectorAll('.msr-new-artist datalist option')].some(o => o.value === a)""", arg=artist, timeout=30_000)
+        page.fill(".msr-new-artist input", artist)
+        page.fill(".msr-new-date input", "2026")
+        page.click(".msr-new-add")
+        page.wait_for_selector(f"text=A song from 2026 ({i})", timeout=30_000)
+    assert page.locator(".msr-new-seed").count() == 2
+    page.click(".msr-go")
+    page.wait_for_selector("tr.msr-rec", timeout=60_000)
+    assert page.locator("tr.msr-rec").count() == 20
+    assert "0 seeds in msr's catalogue, 2 foreign" in page.inner_text(".msr-seed-summary")
+    assert "in your playlist" in page.inner_text(".msr-results")  # reasons name the typed songs
+    assert "Traceback" not in page.content()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-foreign-songs.png"), full_page=True)
+
+
+def test_spotify_playlist_of_only_foreign_tracks(page, served_project, spotify_fake):
+    "A Spotify link to a playlist none of whose tracks is in the catalogue: 20 recommendations with reasons."
+    fake, _ = spotify_fake
+    objects, rows, _ = foreign_playlist(served_project)
+    pid = "7gEYpjA9oz9GiPac4AsH4n"
+    fake.playlists[pid] = [{"item": t} for t in objects]
+    for t, feats in zip(objects[:4], rows[AUDIO_FEATURES].head(4).to_dict("records")): fake.features_provider[t["id"]] = feats
+    page.click("text=Spotify link")
+    page.fill(".msr-spotify-link input", f"https://open.spotify.com/playlist/{pid}")
+    page.click(".msr-go")
+    page.wait_for_selector("tr.msr-rec", timeout=60_000)
+    assert page.locator("tr.msr-rec").count() == 20
+    assert "0 seeds in msr's catalogue, 12 foreign (4 with audio features)" in page.inner_text(".msr-seed-summary")
+    reasons = page.locator("tr.msr-rec td:last-child").all_inner_texts()
+    assert all(r.strip() for r in reasons), reasons
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-spotify-foreign.png"), full_page=True)

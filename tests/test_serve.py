@@ -6,23 +6,12 @@ import sqlite3
 import urllib.error
 import urllib.request
 
-import time
 
 import pandas as pd
 import pytest
 
-from conftest import BIN, free_port, served_env, start_server, stop_server
-from fake_spotify import CLIENT_ID, USER_TOKEN
-from fake_spotify import serve as serve_fake
-from msr.spotify import PrivateTokenCache
-
-
-@pytest.fixture(scope="module")
-def spotify_fake():
-    "A fake Spotify Web API + token endpoint on 127.0.0.1 (tests/fake_spotify.py)."
-    server, url = serve_fake(roles=("api", "token"))
-    try: yield server.fake, url
-    finally: server.shutdown(); server.server_close()
+from conftest import BIN, foreign_playlist, free_port, served_env, spotify_env, start_server, stop_server
+from msr.core import AUDIO_FEATURES
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +21,7 @@ def server(served_project, tmp_path_factory, spotify_fake):
     logs = tmp_path_factory.mktemp("serve")
     port = free_port()
     fake, url = spotify_fake
-    cache = logs / "spotify-tokens"
-    PrivateTokenCache("me", cache).save_token_to_cache(
-        {"access_token": USER_TOKEN, "token_type": "Bearer", "expires_in": 3600, "expires_at": int(time.time()) + 36000,
-         "scope": "playlist-read-private playlist-read-collaborative", "refresh_token": "r"})
-    env = {**served_env(served_project, logs / "served.sqlite"), "SPOTIFY_CLIENT_ID": CLIENT_ID,
-           "MSR_SPOTIFY_API_URL": f"{url}/v1/", "MSR_SPOTIFY_TOKEN_URL": f"{url}/api/token", "MSR_SPOTIFY_CACHE": str(cache)}
+    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(url, logs / "spotify-tokens")}
     proc = start_server([str(BIN / "mlflow"), "models", "serve", "-m", "models:/msr-recommender@champion",
                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                         served_project, env, f"http://127.0.0.1:{port}/ping", logs / "server.log")
@@ -80,6 +64,7 @@ def test_input_example_is_a_ready_request(server, served_project):
     assert rows["track_name"].notna().all() and rows["track_artist"].notna().all()
     assert rows["reasons"].map(len).gt(0).all()
     assert set(rows["model_version"]) == {"msr-recommender v1"}
+    assert "tracks" in example.read_text()  # the example shows a track record beside the seed ids
 
 
 def test_playlist_queries(server, served_project):
@@ -141,6 +126,7 @@ def test_wrong_content_type(server):
 
 
 PID, NOT_MINE, EDITORIAL, DOWN = "3cEYpjA9oz9GiPac4AsH4n", "4dEYpjA9oz9GiPac4AsH4n", "37i9dQZF1DXcBWIGoYBM5M", "5eEYpjA9oz9GiPac4AsH4n"
+FOREIGN = "6fEYpjA9oz9GiPac4AsH4n"
 
 
 def test_spotify_playlist_link(server, served_project, spotify_fake):
@@ -155,6 +141,45 @@ def test_spotify_playlist_link(server, served_project, spotify_fake):
     assert len(rows) == 15 and not set(rows["track_id"]) & set(seeds)
     assert set(rows["track_id"]) & set(rest), "none of the playlist's other tracks among the recommendations"
     assert json.loads(logged(db)["seeds"].iloc[-1]) == seeds  # the playlist's catalogue tracks were the seeds
+
+
+def test_playlist_of_only_foreign_tracks(server, served_project, spotify_fake):
+    "A Spotify playlist none of whose tracks is in the catalogue: 20 recommendations with reasons (it used to be a 400)."
+    url, db = server
+    fake, _ = spotify_fake
+    objects, rows, rest = foreign_playlist(served_project)
+    fake.playlists[FOREIGN] = [{"item": t} for t in objects]
+    for t, feats in zip(objects[:6], rows[AUDIO_FEATURES].head(6).to_dict("records")): fake.features_provider[t["id"]] = feats
+    status, body = post(url, {"dataframe_records": [{"playlist_url": f"https://open.spotify.com/playlist/{FOREIGN}"}]})
+    assert status == 200, body
+    got = pd.DataFrame(body["predictions"])
+    assert len(got) == 20 and got["reasons"].map(len).gt(0).all()
+    assert not set(got["track_id"]) & {t["id"] for t in objects}
+    assert (got["seeds_known"].iat[0], got["seeds_foreign"].iat[0], got["seeds_with_features"].iat[0]) == (0, 12, 6)
+    assert got["track_artist"].isin(set(rows["track_artist"])).mean() >= 0.5, got[["track_name", "track_artist"]]
+    assert any("in your playlist" in r for rs in got["reasons"] for r in rs)
+    assert ("GET", "/v1/audio-features?ids=" + "%2C".join(t["id"] for t in objects)) in fake.requests  # one provider batch
+
+
+def test_track_records_in_a_request(server, served_project):
+    url, _ = server
+    objects, rows, rest = foreign_playlist(served_project)
+    records = [{"track_name": t["name"], "track_artist": ", ".join(a["name"] for a in t["artists"]),
+                "track_album_release_date": t["album"]["release_date"], **{f: float(v) for f, v in feats.items()}}
+               for t, feats in zip(objects, rows[["danceability", "energy", "valence", "tempo"]].to_dict("records"))]
+    seeds = playlist_seeds(served_project, 14)[0][12:]  # two catalogue tracks beside the records
+    status, body = post(url, {"dataframe_records": [{"seeds": seeds, "tracks": records, "k": 20}, {"tracks": records[:3], "k": 5}]})
+    assert status == 200, body
+    got = pd.DataFrame(body["predictions"])
+    assert got.groupby("query").size().tolist() == [20, 5]
+    first = got[got["query"] == 0]
+    assert (first["seeds_known"].iat[0], first["seeds_foreign"].iat[0], first["seeds_with_features"].iat[0]) == (2, 12, 12)
+    assert not set(first["track_id"]) & set(seeds)
+    assert set(first["track_id"]) & set(rest), "none of the playlist's other tracks among 20 recommendations"
+    for bad, message in [([{"artist": "x"}], "'artist'"),
+                         ([{"track_name": "Lonely", "track_artist": "Nobody Anyone Knows"}], "carry nothing msr can use")]:
+        status, body = post(url, {"dataframe_records": [{"tracks": bad}]})
+        assert status == 400 and message in body["message"], body
 
 
 @pytest.mark.parametrize("link,status,message", [
