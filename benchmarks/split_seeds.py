@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from msr.core import SONGS, load_params
-from msr.evaluate import evaluate_model, fit_playlists, summarize
+from msr.evaluate import evaluate_model, fit_playlists, foreign_queries, summarize, without_tracks
 from msr.metrics import METRICS
 from msr.recommend import fit_recommender
 from msr.transform import build_tables, make_queries, split_playlists
@@ -36,12 +36,14 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--models", nargs="+", default=["msr", "original", "popularity", "content", "random"])
     ap.add_argument("--split", default="test", choices=["test", "valid"])
+    ap.add_argument("--foreign", nargs="*", default=None, help="foreign settings (default: evaluate.foreign in params.yaml)")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/split_seeds.json")
     args = ap.parse_args()
     os.chdir(ROOT)
     params = load_params()
     t = params["transform"]
     per_model = model_params(params)
+    if args.foreign is None: args.foreign = params["evaluate"].get("foreign", [])
     tracks, pt, _ = build_tables(pd.read_parquet(SONGS))
     rows = []
     for seed in args.seeds:
@@ -53,6 +55,19 @@ def main():
             table = summarize(evaluate_model(model, queries, split=args.split, k=params["evaluate"]["k"]).assign(model=name))
             rows.append(table.reset_index().assign(split_seed=seed))
             print(f"seed {seed} {name}: half R-precision {table.loc[(name, 'half'), 'r_precision']:.4f}", flush=True)
+        # a real person's playlist: the half queries' seeds as foreign records, their tracks out of catalogue and training data
+        by_removed = {}
+        for kind in args.foreign:
+            fq, removed = foreign_queries(queries, tracks, kind, base=params["evaluate"]["foreign_base"], split=args.split)
+            by_removed.setdefault(frozenset(removed), []).append(fq)
+        for removed, query_sets in by_removed.items():
+            t_rest, pt_rest = without_tracks(tracks, train, removed)
+            for name in args.models:
+                model = fit_recommender(t_rest, pt_rest, {"model": name, **per_model.get(name, {})})
+                for fq in query_sets:
+                    table = summarize(evaluate_model(model, fq, k=params["evaluate"]["k"]).assign(model=name))
+                    rows.append(table.reset_index().assign(split_seed=seed))
+                    print(f"seed {seed} {name}: {fq[0][0]} R-precision {table['r_precision'].iat[0]:.4f}", flush=True)
     df = pd.concat(rows, ignore_index=True)
     agg = df.groupby(["model", "setting"])[list(METRICS)].agg(["mean", "std", "min", "max"])
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,8 @@ class Service:
             imported = self.import_playlist(playlist_url)
         elif not _missing(playlist_url):
             raise BadRequest(f"'playlist_url' must be a Spotify playlist link, got {type(playlist_url).__name__}")
-        if _missing(seeds) and (records or imported): seeds = []
+        if (records or imported) and (_missing(seeds) or (isinstance(seeds, (list, tuple, np.ndarray)) and len(seeds) == 0)):
+            seeds = []  # ids are optional beside records or a playlist link
         else: seeds = parse_seeds(seeds)
         k = parse_k(k)
         items = (imported.records() if imported else []) + seeds + records

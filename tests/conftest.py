@@ -144,7 +144,10 @@ def served_project(songs, tmp_path_factory) -> Path:
     for table, path in ((tracks, TRACKS), (playlist_tracks, PLAYLIST_TRACKS)):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         table.to_parquet(root / path, index=False)
-    fit_recommender(tracks, playlist_tracks, {"model": "msr"}).save(root / "data/models/recommender.pkl")
+    # the model learns from every playlist but the largest, whose continuation the REST and dashboard tests ask for:
+    # a query playlist is never one the model learned from (the evaluation protocol), as a person's own playlist is not
+    biggest = playlist_tracks["playlist_id"].value_counts().index[0]
+    fit_recommender(tracks, playlist_tracks[playlist_tracks["playlist_id"] != biggest], {"model": "msr"}).save(root / "data/models/recommender.pkl")
     (root / "outputs/metrics").mkdir(parents=True)
     (root / "outputs/metrics/recommend.json").write_text('{"msr": {"half": {"r_precision": 0.25}}}')
     run([str(BIN / "python"), "-c", "from msr.serve import register; register()"], root,

@@ -168,7 +168,7 @@ def test_track_records_in_a_request(server, served_project):
                 "track_album_release_date": t["album"]["release_date"], **{f: float(v) for f, v in feats.items()}}
                for t, feats in zip(objects, rows[["danceability", "energy", "valence", "tempo"]].to_dict("records"))]
     seeds = playlist_seeds(served_project, 14)[0][12:]  # two catalogue tracks beside the records
-    status, body = post(url, {"dataframe_records": [{"seeds": seeds, "tracks": records, "k": 20}, {"tracks": records[:3], "k": 5}]})
+    status, body = post(url, {"dataframe_records": [{"seeds": seeds, "tracks": records, "k": 20}, {"seeds": [], "tracks": records[:3], "k": 5}]})
     assert status == 200, body
     got = pd.DataFrame(body["predictions"])
     assert got.groupby("query").size().tolist() == [20, 5]
