@@ -210,7 +210,8 @@ def test_login_with_pkce_then_import(spotify, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SPOTIFY_", "SPOTIPY_", "MSR_SPOTIFY"))},
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SPOTIFY_CLIENT_ID": CLIENT_ID,
            "MSR_SPOTIFY_API_URL": settings.api_url, "MSR_SPOTIFY_TOKEN_URL": settings.token_url,
-           "MSR_SPOTIFY_AUTHORIZE_URL": settings.authorize_url, "MSR_SPOTIFY_CACHE": str(tmp_path / "tokens")}
+           "MSR_SPOTIFY_AUTHORIZE_URL": settings.authorize_url, "MSR_SPOTIFY_CACHE": str(tmp_path / "tokens"),
+           "MSR_FEATURES_URL": ""}  # no features provider: the tracks stay without audio features
     work = tmp_path / "cwd"; work.mkdir()
 
     def login(answer):
@@ -233,3 +234,4 @@ def test_login_with_pkce_then_import(spotify, tmp_path):
     listed = subprocess.run([str(bin_dir / "msr-spotify"), "import", f"spotify:playlist:{PID}", "--user", "bob"],
                             cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "3 tracks from playlist" in listed.stdout and f"{2:022d}" in listed.stdout
+    assert "0 in msr's catalogue, 3 foreign (0 with audio features)" in listed.stdout, listed.stdout
