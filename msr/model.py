@@ -72,7 +72,7 @@ class Catalogue:
 
     def scale(self, raw: np.ndarray) -> np.ndarray:
         "Raw AUDIO_FEATURES rows in the scaled SIMILARITY space the model compares audio in."
-        return self.scaler.transform(raw[:, self.sim_cols]).astype(np.float32)
+        return ((raw[:, self.sim_cols] - self.scaler.mean_) / self.scaler.scale_).astype(np.float32)
 
 # %% ../nbs/11_model.ipynb #93ef7c72
 def _spherical(gm) -> tuple | None:

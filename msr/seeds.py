@@ -5,6 +5,7 @@
 # %% ../nbs/05a_seeds.ipynb #ec9672d1
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import unicodedata
@@ -17,14 +18,17 @@ import pandas as pd
 from .core import AUDIO_FEATURES, TRACK_ID
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'normalize', 'artist_keys', 'title_key', 'release_year', 'TrackLookup', 'Seeds', 'read_seeds']
+__all__ = ['RECORD_FIELDS', 'normalize', 'artist_keys', 'title_key', 'release_year', 'KeyIndex', 'TrackLookup', 'Seeds',
+           'read_seeds']
 
 # %% ../nbs/05a_seeds.ipynb #c607417d
+_PUNCT = re.compile(r"[^\w\s]|_")
+
 def normalize(text) -> str:
     "Lower case, accents folded, punctuation to spaces, spaces collapsed: 'Beyoncé' → 'beyonce'."
     if not isinstance(text, str): return ""
-    s = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
-    s = " ".join(re.sub(r"[^\w\s]|_", " ", s.replace("&", " and ")).split())
+    s = text if text.isascii() else "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    s = " ".join(_PUNCT.sub(" ", s.casefold().replace("&", " and ")).split())
     return s or " ".join(text.casefold().split())  # names of punctuation only ("!!!") keep their characters
 
 _FEAT = re.compile(r"\s*[\(\[]?\s*\b(?:feat|ft|featuring)\b\.?\s.*$", re.IGNORECASE)
@@ -56,6 +60,36 @@ def _codes(keys: pd.Series) -> tuple[np.ndarray, dict]:
     codes, uniques = pd.factorize(keys)
     return codes.astype(np.int64), {k: i for i, k in enumerate(uniques)}
 
+def _hash(key: str) -> int:
+    "A stable 64-bit hash of a string (the same in every process, unlike `hash`)."
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+class KeyIndex:
+    "Text keys (one or more parts) → a number, kept as sorted 64-bit hashes: 16 bytes a key where a dict takes ~200."
+    def __init__(self, keys, values):
+        h = np.fromiter((_hash(k) for k in keys), np.uint64)
+        order = np.argsort(h, kind="stable")  # among equal keys the first given stays first
+        h, v = h[order], np.asarray(values, np.int64)[order]
+        first = np.r_[True, h[1:] != h[:-1]] if len(h) else np.zeros(0, bool)
+        self.h, self.v = h[first], v[first]
+
+    @staticmethod
+    def key(*parts) -> str: return "\x1f".join(map(str, parts))
+
+    def find_many(self, keys: list) -> np.ndarray:
+        "The number stored for each key (a string from `KeyIndex.key`, or None), -1 where there is none."
+        out = np.full(len(keys), -1, np.int64)
+        given = [j for j, k in enumerate(keys) if k is not None]
+        if not given or not len(self.h): return out
+        x = np.fromiter((_hash(keys[j]) for j in given), np.uint64, len(given))
+        pos = np.searchsorted(self.h, x).clip(max=len(self.h) - 1)
+        out[given] = np.where(self.h[pos] == x, self.v[pos], -1)
+        return out
+
+    def find(self, *parts) -> int:
+        "The number stored for the key made of `parts`, or -1."
+        return int(self.find_many([self.key(*parts)])[0])
+
 class TrackLookup:
     "The catalogue's artists, albums, songs, years and audio, to read track records against."
     def __init__(self, tracks: pd.DataFrame):
@@ -64,11 +98,13 @@ class TrackLookup:
         keys = artists.map({a: (artist_keys(a) or [""])[0] for a in artists.unique()})
         self.artist, self.artist_code = _codes(keys)
         self.artist_names = artists.groupby(self.artist).first().to_numpy(object)  # code → a display name
-        self.album, self.album_code = _codes(col("track_album_id").fillna("?").astype(str))
+        album_ids = col("track_album_id").fillna("?").astype(str)
+        self.album = pd.factorize(album_ids)[0].astype(np.int64)
+        self.album_ids = KeyIndex(album_ids, self.album)
         album_names = col("track_album_name").map(normalize)
-        self.album_by_name = dict(zip(zip(album_names, self.artist), self.album))
+        self.album_by_name = KeyIndex(map(KeyIndex.key, album_names, self.artist), self.album)
         titles = col("track_name").map(title_key)
-        self.song = dict(zip(zip(titles[::-1], self.artist[::-1]), range(len(tracks) - 1, -1, -1)))  # first track wins
+        self.song = KeyIndex(map(KeyIndex.key, titles, self.artist), np.arange(len(tracks)))  # first track wins
         dates = col("track_album_release_date")
         self.year = pd.to_numeric(dates.astype(str).str[:4], errors="coerce").to_numpy(np.float32)
         self.raw = tracks.reindex(columns=AUDIO_FEATURES).to_numpy(np.float64)
@@ -79,7 +115,10 @@ class TrackLookup:
 
     def find_artist(self, name) -> int:
         "The catalogue's code for an artist name (any of `artist_keys`), or -1."
-        return next((self.artist_code[k] for k in artist_keys(name) if k in self.artist_code), -1)
+        key = normalize(name)
+        code = self.artist_code.get(key) if key else None  # the whole name: most names meet here
+        if code is not None: return code
+        return next((self.artist_code[k] for k in artist_keys(name)[1:] if k in self.artist_code), -1)
 
 # %% ../nbs/05a_seeds.ipynb #7e9d899d
 RECORD_FIELDS = [TRACK_ID, "track_name", "track_artist", "track_album_id", "track_album_name",
@@ -162,35 +201,40 @@ def read_seeds(items,  # track id strings and/or track records (mappings with RE
     if isinstance(items, (str, bytes, Mapping)):
         raise TypeError("seeds must be a list of track ids or track records, not a single " + ("record" if isinstance(items, Mapping) else "string"))
     items = list(items)
-    known, seen, rows, unknown, useless = [], set(), [], [], []
-    def add(j):
-        if j not in seen: seen.add(j); known.append(j)
+    known, unknown, records = [], [], []  # known: (position, catalogue index); records: foreign candidates
     for i, item in enumerate(items):
         if isinstance(item, str):
-            if item in index: add(index[item])
+            if item in index: known.append((i, index[item]))
             elif item not in unknown: unknown.append(item)
             continue
         if not isinstance(item, Mapping):
             raise TypeError(f"seed {i} is {type(item).__name__} {str(item)[:40]!r}: give a track id string or a track record (a mapping)")
         tid = _text(item, TRACK_ID, i)
-        if tid is not None and tid in index: add(index[tid]); continue
+        if tid is not None and tid in index: known.append((i, index[tid])); continue
         name, artist_name = _text(item, "track_name", i), _text(item, "track_artist", i)
-        a = lookup.find_artist(artist_name) if artist_name else -1
-        if a >= 0 and name and (title_key(name), a) in lookup.song: add(lookup.song[(title_key(name), a)]); continue
-        album_id = _text(item, "track_album_id", i)
-        b = lookup.album_code.get(album_id, -1) if album_id else -1
-        if b < 0 and a >= 0: b = lookup.album_by_name.get((normalize(_text(item, "track_album_name", i)), a), -1)
+        records.append((i, item, tid, name, artist_name, lookup.find_artist(artist_name) if artist_name else -1))
+    # the catalogue look-ups of all records at once: a release of a song the catalogue holds is that song
+    songs = lookup.song.find_many([KeyIndex.key(title_key(name), a) if a >= 0 and name else None for _, _, _, name, _, a in records])
+    known += [(r[0], j) for r, j in zip(records, songs) if j >= 0]
+    records = [r for r, j in zip(records, songs) if j < 0]
+    album_ids = [_text(item, "track_album_id", i) for i, item, *_ in records]
+    albums = lookup.album_ids.find_many(album_ids)
+    by_name = lookup.album_by_name.find_many([KeyIndex.key(normalize(_text(item, "track_album_name", i)), a) if b < 0 and a >= 0 else None
+                                              for (i, item, *_, a), b in zip(records, albums)])
+    rows, seen, useless = [], set(), []
+    for (i, item, tid, name, artist_name, a), album_id, b in zip(records, album_ids, np.maximum(albums, by_name)):
         date = item.get("track_album_release_date")
         if date is not None and not isinstance(date, (str, int, float, np.integer, np.floating)) or isinstance(date, bool):
             raise ValueError(f"seed {i}: 'track_album_release_date' must be a date like '2019-06-21', got {type(date).__name__}")
         year = release_year(date)
         audio = [_number(item, f, i) for f in AUDIO_FEATURES]
-        key = tid or (name, artist_name, album_id)
         if a < 0 and b < 0 and math.isnan(year) and all(map(math.isnan, audio)):
             useless.append((name or tid or f"record {i}", _missing_parts(item))); continue
+        key = tid or (name, artist_name, album_id)
         if key in seen: continue
         seen.add(key)
-        rows.append((a, b, year, audio, _number(item, "track_popularity", i), name or tid or f"record {i}"))
+        rows.append((a, int(b), year, audio, _number(item, "track_popularity", i), name or tid or f"record {i}"))
+    known = list(dict.fromkeys(j for _, j in sorted(known)))  # in the order given, without repeats
     if not known and not rows:
         if not items: raise ValueError("no seeds: give at least one track id or track record")
         if not useless:
