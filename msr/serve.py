@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 import msr
 from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, read_json
 from .monitor import AudioProfile, MonitorLog, artist_diversity, monitor_path
-from .recommend import Recommender, load_recommender
+from .recommend import MODEL_FORMAT, Recommender, load_recommender
 from .seeds import RECORD_FIELDS
 from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound, NotPermitted, SpotifyError, playlist_seeds
 
@@ -310,10 +310,14 @@ def register(model_path: str | Path = MODELS_DIR / "recommender.pkl",  # the tra
             if before and before.tags.get("eval.metric") not in (None, f"test.{setting}.{metric}"): before_score = None  # another yardstick
             promote, reason = decide(score, float(before_score) if before_score else None, min_gain,
                                      before.version if before else None)
+            before_format = before.tags.get("msr.model_format") if before else None
+            if before and before_format != str(MODEL_FORMAT):  # this msr cannot load it: serving it would fail
+                promote, reason = True, (f"replaces champion v{before.version}, saved in model format {before_format or 1}, "
+                                         f"which this msr (format {MODEL_FORMAT}) cannot load")
             if split != "test": promote, reason = False, f"scored on the {split} queries, not test: never promoted"
             client.set_registered_model_alias(name, CHAMPION if promote else CHALLENGER, new)
             for k, v in {"eval.metric": f"{split}.{setting}.{metric}", "eval.value": str(score), "msr.decision": reason,
-                         "msr.promoted": str(promote).lower()}.items():
+                         "msr.promoted": str(promote).lower(), "msr.model_format": str(MODEL_FORMAT)}.items():
                 client.set_model_version_tag(name, new, k, v)
             decision = {"name": name, "version": int(new), "metric": f"{setting}.{metric}", "score": score,
                         "champion_before": int(before.version) if before else None,

@@ -13,6 +13,7 @@ import pytest
 
 from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, serve as serve_fake, track as fake_track
 from msr.core import AUDIO_FEATURES
+from msr.recommend import MODEL_FORMAT
 from conftest import all_text, run, set_params
 
 STAGES = ["ingest", "validate", "feed", "transform", "genre", "clusters", "train", "evaluate", "register"]
@@ -126,6 +127,17 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert (decision["version"], decision["champion"], decision["promoted"]) == (2, 1, False)
     aliases = dict(sqlite3.connect(project / "mlflow.db").execute("select alias, version from registered_model_aliases"))
     assert aliases == {"champion": 1, "challenger": 2}
+    tags = dict(sqlite3.connect(project / "mlflow.db").execute(
+        "select key, value from model_version_tags where name='msr-recommender' and version=1"))
+    assert tags["msr.model_format"] == str(MODEL_FORMAT)
+
+    # a champion saved in a model format this msr cannot load is replaced by the next version, whatever the scores
+    with sqlite3.connect(project / "mlflow.db") as con:
+        con.execute("update model_version_tags set value='1' where name='msr-recommender' and version=1 and key='msr.model_format'")
+    run(["dvc", "repro", "--single-item", "--force", "register"], project)
+    decision = json.loads((project / "outputs/metrics/register.json").read_text())
+    assert (decision["version"], decision["champion"], decision["promoted"]) == (3, 3, True), decision
+    set_params(project, register={"min_gain": 0.0})
 
     # the feed loop: msr-feed --retrain against a fake Spotify and features provider grows the catalogue past the
     # threshold and retrains; no Spotify secret or token in reports, MLflow or output
@@ -146,7 +158,7 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
         assert json.loads((project / "outputs/metrics/transform.json").read_text())["fed_tracks"] == 60
         assert set(t["id"] for t in new_tracks) <= set(pd.read_parquet(project / "data/processed/tracks.parquet")["track_id"])
         decision = json.loads((project / "outputs/metrics/register.json").read_text())
-        assert decision["version"] == 3  # retrained and registered; promoted only if it beat the champion
+        assert decision["version"] == 4  # retrained and registered; promoted only if it beat the champion
         for text in [fed.stdout, fed.stderr, all_text(project)]:
             assert FAKE_SECRET not in text and "app-token-DO-NOT-LEAK" not in text
         again = run(["msr-feed", "--retrain"], project, env=env)  # the same answers: nothing added, no retraining
