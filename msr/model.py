@@ -403,9 +403,10 @@ class MsrRecommender(Recommender):
         self.prefilter_ = _fit_prefilter(np.vstack(X), np.concatenate(y))
         keep = [_top(self.prefilter_(F), self.n_rank) for F in X]
         Xr, yr = np.vstack([F[i] for F, i in zip(X, keep)]), np.concatenate([l[i] for l, i in zip(y, keep)])
-        # one thread: a query scores a few hundred rows, where OpenMP's thread start-up and spinning
-        # threads cost more than they save (and slow the numpy work around them on a 2-core machine)
-        self.model_ = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed, n_jobs=1, verbose=-1, **self.ranker)
+        # two training threads whatever the machine (the same trees everywhere: deterministic, row-wise histograms);
+        # scoring a query's 150 rows does not use these settings
+        self.model_ = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed, n_jobs=2, deterministic=True,
+                                     force_row_wise=True, verbose=-1, **self.ranker)
         self.model_.fit(Xr, yr.astype(int), group=[len(i) for i in keep])
         self.training_ = {"queries": len(X), "candidates": int(sum(len(l) for l in y)), "ranked_rows": len(yr),
                           "positives": int(sum(l.sum() for l in y)), "positives_after_prefilter": int(yr.sum())}

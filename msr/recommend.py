@@ -33,6 +33,7 @@ class Recommender:
 
     def fit(self, tracks: pd.DataFrame,  # the catalogue: one row per track
             playlist_tracks: pd.DataFrame,  # training playlists' (playlist, track) rows
+            lookup: TrackLookup | None = None,  # `TrackLookup(tracks)` when the caller has one (several models, one catalogue)
            ) -> "Recommender":
         "Learn from the catalogue and the training playlists; return self."
         if tracks.empty: raise ValueError("cannot fit a recommender on an empty catalogue")
@@ -40,7 +41,8 @@ class Recommender:
         tracks = tracks.reset_index(drop=True)
         self.track_ids_ = tracks[TRACK_ID].to_numpy(dtype=object)
         self.index_ = {t: i for i, t in enumerate(self.track_ids_)}
-        self.lookup_ = TrackLookup(tracks)
+        self.lookup_ = lookup if lookup is not None else TrackLookup(tracks)
+        if len(self.lookup_.artist) != len(tracks): raise ValueError("the lookup was built from another catalogue than `tracks`")
         self._fit(tracks, playlist_tracks[playlist_tracks[TRACK_ID].isin(self.index_)])
         return self
 
@@ -201,7 +203,8 @@ def model_class(name: str) -> type:
 def fit_recommender(tracks: pd.DataFrame,  # the catalogue: one row per track
                     playlist_tracks: pd.DataFrame,  # training playlists' (playlist, track) rows
                     params: dict | None = None,  # {"model": name, **that model's arguments}
+                    lookup: TrackLookup | None = None,  # the catalogue's `TrackLookup`, if built already
                    ) -> Recommender:
     "Build the model `params` names (default: msr's own model) and fit it."
     params = dict(params or {})
-    return model_class(params.pop("model", "msr"))(**params).fit(tracks, playlist_tracks)
+    return model_class(params.pop("model", "msr"))(**params).fit(tracks, playlist_tracks, lookup)
