@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 import msr
-from .clusters import GenreMixtures, fit_genre_mixtures
-from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
+from .clusters import fit_genre_mixtures
+from .core import AUDIO_FEATURES, TRACK_ID
 from .seeds import Seeds, TrackLookup, read_seeds
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
 from .transform import track_genre_labels
