@@ -259,6 +259,7 @@ def app_client(settings: SpotifySettings | None = None):
 def user_client(user: str = "me",  # names the token file: one per person using this machine
                 settings: SpotifySettings | None = None, open_browser: bool = False,
                 state: str | None = None,  # login only: checked against the redirect (CSRF)
+                interactive: bool = False,  # login only: may ask the person to paste the redirect URL
                ):
     "A spotipy client logged in as a person (authorization code with PKCE) to read their own and collaborative playlists."
     from spotipy.oauth2 import SpotifyPKCE
@@ -267,6 +268,11 @@ def user_client(user: str = "me",  # names the token file: one per person using 
     auth = SpotifyPKCE(settings.client_id, settings.redirect_uri, state=state, scope=USER_SCOPES, open_browser=open_browser,
                        requests_timeout=settings.timeout, cache_handler=PrivateTokenCache(user, settings.cache_dir))
     auth.OAUTH_TOKEN_URL, auth.OAUTH_AUTHORIZE_URL = settings.token_url, settings.authorize_url
+    if not interactive:  # a server or a scheduled run cannot answer spotipy's login prompt: say what to run instead
+        def no_prompt(*args, **kwargs):
+            raise NotConfigured(f"the Spotify login of '{user}' is missing, expired for good or lacks a permission msr asks for "
+                                f"({USER_SCOPES}): run `msr-spotify login` again")
+        auth.get_authorization_code = no_prompt  # every path to a new token asks for a new authorization code
     return _client(auth, settings)
 
 # %% ../nbs/15_spotify.ipynb #b1cf4367
@@ -441,9 +447,14 @@ def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySetting
     if not settings.client_id:
         raise NotConfigured("Spotify playlist links need Spotify credentials: set SPOTIFY_CLIENT_ID (and SPOTIFY_CLIENT_SECRET) "
                             "in the environment and run `msr-spotify login` once; until then give track ids or a dataset playlist")
-    if PrivateTokenCache(user, settings.cache_dir).get_cached_token() is None:
+    token = PrivateTokenCache(user, settings.cache_dir).get_cached_token()
+    if token is None:
         raise NotConfigured(f"no Spotify login for '{user}' on this machine: run `msr-spotify login` once "
                             "(since 2026 Spotify lets apps read only the logged-in user's own playlists)")
+    missing = set(USER_SCOPES.split()) - set(str(token.get("scope") or "").split())
+    if missing:
+        raise NotConfigured(f"the Spotify login of '{user}' lacks the permission(s) msr asks for ({', '.join(sorted(missing))}): "
+                            "run `msr-spotify login` again")
     client = user_client(user, settings)
     imported = import_playlist(client, pid, Caller(settings))
     if features and len(imported.tracks):
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None):
             import secrets
             from spotipy.oauth2 import SpotifyOauthError
             settings.require(secret=False)
-            client = user_client(args.user, settings, open_browser=False, state=secrets.token_urlsafe(16))
+            client = user_client(args.user, settings, open_browser=False, state=secrets.token_urlsafe(16), interactive=True)
             try: client.auth_manager.get_access_token(check_cache=False)  # prints the URL; asks for the redirected URL
             except SpotifyOauthError as e:
                 raise BadCredentials(f"login failed: {getattr(e, 'error_description', None) or getattr(e, 'error', None) or type(e).__name__}") from None

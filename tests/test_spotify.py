@@ -17,7 +17,8 @@ from fake_spotify import CLIENT_ID, CLIENT_SECRET, USER_TOKEN, serve, track
 from msr.core import AUDIO_FEATURES
 from msr.feed import run_feed
 from msr.spotify import (BadCredentials, Caller, FeatureChain, NotConfigured, NotFound, NotPermitted, PrivateTokenCache,
-                         RateLimited, SpotifySettings, SpotifyUnavailable, app_client, import_playlist, user_client)
+                         RateLimited, SpotifySettings, SpotifyUnavailable, app_client, import_playlist, playlist_seeds,
+                         user_client)
 
 PID = "3cEYpjA9oz9GiPac4AsH4n"
 EDITORIAL = "37i9dQZF1DXcBWIGoYBM5M"
@@ -235,3 +236,18 @@ def test_login_with_pkce_then_import(spotify, tmp_path):
                             cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "3 tracks from playlist" in listed.stdout and f"{2:022d}" in listed.stdout
     assert "0 in msr's catalogue, 3 foreign (0 with audio features)" in listed.stdout, listed.stdout
+
+
+def test_a_login_without_every_scope_never_prompts(spotify):
+    "A token file lacking a scope msr asks for: NotConfigured saying to log in again, never spotipy's interactive prompt."
+    fake, settings, _, call = spotify
+    fake.playlists[PID] = [{"item": track(1)}]
+    PrivateTokenCache("bob", settings.cache_dir).save_token_to_cache(
+        {"access_token": USER_TOKEN, "token_type": "Bearer", "expires_in": 3600, "expires_at": int(time.time()) + 3600,
+         "scope": "playlist-read-private", "refresh_token": "refresh-DO-NOT-LEAK"})
+    with pytest.raises(NotConfigured, match=r"lacks the permission\(s\) msr asks for \(playlist-read-collaborative\).*msr-spotify login"):
+        playlist_seeds(PID, "bob", settings)
+    # and the client itself, used directly, raises instead of reading a pasted URL from standard input
+    with pytest.raises(NotConfigured, match="run `msr-spotify login` again"):
+        import_playlist(user_client("bob", settings), PID, call)
+    assert not [p for m, p in fake.requests if p.startswith(f"/v1/playlists/{PID}")]  # nothing was asked with the old token
