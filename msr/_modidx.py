@@ -306,6 +306,8 @@ d = { 'settings': { 'branch': 'main',
             'msr.validate': { 'msr.validate.ValidationError': ('validate.html#validationerror', 'msr/validate.py'),
                               'msr.validate.ValidationError.__init__': ('validate.html#validationerror.__init__', 'msr/validate.py'),
                               'msr.validate._id': ('validate.html#_id', 'msr/validate.py'),
+                              'msr.validate._read': ('validate.html#_read', 'msr/validate.py'),
+                              'msr.validate.check_hard': ('validate.html#check_hard', 'msr/validate.py'),
                               'msr.validate.summarize_failures': ('validate.html#summarize_failures', 'msr/validate.py'),
                               'msr.validate.validate': ('validate.html#validate', 'msr/validate.py'),
                               'msr.validate.validate_frame': ('validate.html#validate_frame', 'msr/validate.py')}}}

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Callable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -166,6 +167,7 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
           max_ratio: float = 200.0,  # largest zip compression ratio accepted
           sha256: str = "",  # expected sha256 of the CSV; empty to skip the check
           progress: bool = True,  # tqdm progress bar on downloads
+          accept: Callable[[Path], object] | None = None,  # one more check of the new CSV before it replaces `dest`; raises to refuse it
          ) -> dict:
     "Fetch `source` into `dest` (a CSV) atomically; return what was fetched."
     if not str(source).strip(): raise IngestError("ingest.source is empty: give a URL, a path or a file:// URL")
@@ -197,6 +199,10 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
         digest = sha256sum(csv)
         if sha256 and digest != sha256.lower():
             raise IngestError(f"{shown} has sha256 {digest}, expected ingest.sha256={sha256}")
+        if accept is not None:
+            try: accept(csv)
+            except Exception as e:
+                raise IngestError(f"{shown} was not taken, {dest} is unchanged: {e}") from None
         with atomic_path(dest) as tmp:
             shutil.copyfile(csv, tmp)
         return {"source": shown, "rows": rows, "bytes": dest.stat().st_size, "sha256": digest}

@@ -15,7 +15,7 @@ from .core import GENRES, QUARANTINE, RAW_COLUMNS, SONGS, atomic_path
 
 # %% auto #0
 __all__ = ['UNIT', 'BASE62_ID', 'RELEASE_DATE', 'HARD', 'SOFT', 'summarize_failures', 'ValidationError', 'validate_frame',
-           'validate']
+           'check_hard', 'validate']
 
 # %% ../nbs/02_validate.ipynb #5b1640e8
 UNIT = ["danceability", "energy", "speechiness", "acousticness", "instrumentalness", "liveness", "valence"]  # Spotify defines these in [0, 1]
@@ -101,18 +101,29 @@ def validate_frame(df: pd.DataFrame,  # the raw table, as read from the CSV
     return valid, quarantine, report
 
 # %% ../nbs/02_validate.ipynb #8c21068f
-def validate(csv: str | Path,  # the raw CSV from the ingest step
-             songs: str | Path = SONGS,  # validated rows (parquet)
-             quarantine: str | Path = QUARANTINE,  # soft-failed rows with a reason (csv)
-            ) -> dict:
-    "Validate `csv`; on success write `songs` and `quarantine` and return the report, else raise."
-    try: df = pd.read_csv(csv, low_memory=False)
+def _read(csv: str | Path) -> pd.DataFrame:
+    "The raw CSV as a table; `ValidationError` when it does not parse."
+    try: return pd.read_csv(csv, low_memory=False)
     except FileNotFoundError: raise FileNotFoundError(f"no raw data at {csv}: run the ingest stage first") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise ValidationError({"hard_failures": [{"column": "<file>", "check": "parseable CSV", "count": 1,
                                                   "examples": [str(e).strip()[:200]], "rows": []}],
                                "rows_checked": 0, "status": False}) from None
-    valid, bad, report = validate_frame(df)
+
+def check_hard(csv: str | Path,  # a candidate raw CSV
+              ) -> int:
+    "Run only the schema's hard checks on `csv`, writing nothing (ingest's `accept`); the number of rows, or `ValidationError`."
+    df = _read(csv)
+    try: HARD.validate(df, lazy=True)
+    except SchemaErrors as e: raise ValidationError({"hard_failures": summarize_failures(e), "status": False}) from None
+    return len(df)
+
+def validate(csv: str | Path,  # the raw CSV from the ingest step
+             songs: str | Path = SONGS,  # validated rows (parquet)
+             quarantine: str | Path = QUARANTINE,  # soft-failed rows with a reason (csv)
+            ) -> dict:
+    "Validate `csv`; on success write `songs` and `quarantine` and return the report, else raise."
+    valid, bad, report = validate_frame(_read(csv))
     with atomic_path(songs) as tmp: valid.to_parquet(tmp, index=False)
     with atomic_path(quarantine) as tmp: bad.to_csv(tmp, index=False)
     return report

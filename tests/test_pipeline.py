@@ -15,6 +15,7 @@ from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, ser
 from msr.core import AUDIO_FEATURES
 from msr.recommend import MODEL_FORMAT
 from conftest import all_text, run, set_params
+from test_validate import CASES as VALIDATION_CASES
 
 STAGES = ["ingest", "validate", "feed", "transform", "genre", "clusters", "train", "evaluate", "register"]
 
@@ -168,7 +169,7 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
 
     # bad input to ingest: clear error, the good raw data and everything after it unchanged
     raw, songs_out = project / "data/raw/spotify_songs.csv", project / "data/interim/songs.parquet"
-    good = {p: digest(p) for p in [raw, songs_out]}
+    good = {p: digest(p) for p in [raw, songs_out, project / "data/interim/quarantine.csv"]}
     corrupt = tmp_path / "corrupt.zip"
     corrupt.write_bytes(sample_zip.read_bytes()[:5000])
     set_params(project, ingest={"source": str(corrupt)})
@@ -176,16 +177,17 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert bad.returncode != 0 and "corrupt zip" in bad.stderr + bad.stdout
     assert {p: digest(p) for p in good} == good
 
-    # bad data that ingests fine but fails hard validation: named failure, validated data unchanged
+    # every hard validation failure, as a whole `dvc repro`: the new archive is refused before it replaces anything,
+    # the failure is named, and the raw and validated data come out byte-identical
     rows = pd.read_csv(sample_zip)
-    rows.loc[3, "energy"] = 1.7
-    bad_csv = tmp_path / "bad.csv"
-    rows.to_csv(bad_csv, index=False)
-    set_params(project, ingest={"source": bad_csv.as_uri()})
-    failed = run(["dvc", "repro"], project, check=False)
-    out = failed.stderr + failed.stdout
-    assert failed.returncode != 0 and "validation failed" in out and "energy" in out and "in_range" in out
-    assert digest(songs_out) == good[songs_out]
-    report = json.loads((project / "outputs/validation.json").read_text())
-    assert report["status"] is False and report["hard_failures"][0]["column"] == "energy"
-    assert (project / "outputs/validation_status.txt").read_text().strip() == "Validation status: False"
+    validation_before = (project / "outputs/validation.json").read_text()
+    for case, (corrupt, words) in VALIDATION_CASES.items():
+        bad_csv = tmp_path / "bad.csv"
+        corrupt(rows.copy()).to_csv(bad_csv, index=False)
+        set_params(project, ingest={"source": bad_csv.as_uri()})
+        failed = run(["dvc", "repro"], project, check=False)
+        out = failed.stderr + failed.stdout
+        assert failed.returncode != 0 and "validation failed" in out and "is unchanged" in out, (case, out[-2000:])
+        for word in words: assert word in out, (case, word)
+        assert {p: digest(p) for p in good} == good, case
+        assert (project / "outputs/validation.json").read_text() == validation_before, case
