@@ -196,13 +196,7 @@ def _lookup_scores(u: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.nd
 
 def _seed_audio(cat: Catalogue, q: Seeds) -> np.ndarray:
     "Scaled audio rows of the seeds: known tracks, foreign seeds' own features (gaps filled from their artist), artist profiles for the rest."
-    rows = [cat.audio[q.known]]
-    if q.n_foreign:
-        lk = cat.lookup
-        fill = np.where((q.artist >= 0)[:, None], lk.artist_audio[np.maximum(q.artist, 0)], lk.mean_audio)
-        usable = q.has_audio | (q.artist >= 0)
-        if usable.any(): rows.append(cat.scale(np.where(np.isnan(q.audio), fill, q.audio)[usable]))
-    return np.vstack(rows)
+    return np.vstack([cat.audio[q.known], cat.scale(q.foreign_audio(cat.lookup))])
 
 def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int):
     "Candidates for the seeds `q`, their features (rows in FEATURES order) and the seeds' genre."

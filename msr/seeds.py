@@ -158,14 +158,15 @@ class Seeds:
         return cls(np.asarray(known, np.int64), lookup.artist[f], lookup.album[f], lookup.year[f].astype(np.float64),
                    audio, np.full(len(f), np.nan), [""] * len(f), shadow=f)
 
+    def foreign_audio(self, lookup: TrackLookup) -> np.ndarray:
+        "Raw audio rows of the foreign seeds that say anything of audio: their features, the missing ones from their artist's profile (else the catalogue's mean)."
+        if not self.n_foreign: return np.empty((0, len(AUDIO_FEATURES)))
+        fill = np.where((self.artist >= 0)[:, None], lookup.artist_audio[np.maximum(self.artist, 0)], lookup.mean_audio)
+        return np.where(np.isnan(self.audio), fill, self.audio)[self.has_audio | (self.artist >= 0)]
+
     def audio_profile(self, lookup: TrackLookup) -> np.ndarray | None:
-        "Mean raw audio of the seeds: a foreign seed's missing features come from its artist (else the catalogue); None if no seed says anything of audio."
-        rows = [lookup.raw[self.known]] if len(self.known) else []
-        if self.n_foreign:
-            fill = np.where((self.artist >= 0)[:, None], lookup.artist_audio[np.maximum(self.artist, 0)], lookup.mean_audio)
-            usable = self.has_audio | (self.artist >= 0)
-            rows.append(np.where(np.isnan(self.audio), fill, self.audio)[usable])
-        rows = np.vstack(rows) if rows else np.empty((0, len(AUDIO_FEATURES)))
+        "Mean raw audio of the seeds (known tracks and `foreign_audio`); None if no seed says anything of audio."
+        rows = np.vstack([lookup.raw[self.known], self.foreign_audio(lookup)])
         return rows.mean(0) if len(rows) else None
 
 # %% ../nbs/05a_seeds.ipynb #55cab450
