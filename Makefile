@@ -1,7 +1,7 @@
 # msr — one entry point for people and CI.
 #   make run        set up .venv and run the whole pipeline (dvc repro)
 #   make run-offline the same, reading the shipped archive (ingest.offline=true)
-#   make test       set up .venv, check notebooks and library are in sync, run nbdev_test and pytest
+#   make test       set up .venv, check notebooks and library are in sync, ruff, nbdev_test and pytest
 #   make serve      serve the registered champion over REST (MLflow scoring server) on 127.0.0.1
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`)
@@ -16,7 +16,7 @@ SERVE_PORT ?= 5001
 SERVE_WORKERS ?= 2
 DASHBOARD_PORT ?= 8866
 
-.PHONY: setup run run-offline test sync-check export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard
+.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard
 
 setup: $(STAMP)
 
@@ -56,13 +56,17 @@ sync-check: setup
 	  echo "Run 'make export clean-nbs readme' and commit the result."; exit 1; fi
 	@echo "sync-check: notebooks, library and README are in sync"
 
+# pyflakes and pycodestyle errors over the library and the notebooks (rules in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check msr nbs
+
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2
 
 pytest: setup
 	$(BIN)/python -m pytest
 
-test: sync-check nbtest pytest
+test: sync-check lint nbtest pytest
 
 lab: setup
 	$(BIN)/jupyter lab

@@ -5,7 +5,6 @@
 # %% ../nbs/04_genre.ipynb #a302eaf7
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
