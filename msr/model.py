@@ -194,9 +194,12 @@ def _lookup_scores(u: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.nd
     pos = np.searchsorted(u, keys).clip(max=len(u) - 1)
     return np.where(u[pos] == keys, values[pos], 0)
 
-def _seed_audio(cat: Catalogue, q: Seeds) -> np.ndarray:
-    "Scaled audio rows of the seeds: known tracks, foreign seeds' own features (gaps filled from their artist), artist profiles for the rest."
-    return np.vstack([cat.audio[q.known], cat.scale(q.foreign_audio(cat.lookup))])
+def _seed_audio(cat: Catalogue, q: Seeds) -> tuple[np.ndarray, np.ndarray | None]:
+    """The seeds' audio, filled once (`Seeds.foreign_audio`): scaled rows for the centroid (known tracks, foreign seeds'
+    features with gaps from their artist), and the raw mean profile for the genre priors (None if no seed has audio)."""
+    foreign = q.foreign_audio(cat.lookup)
+    raw = np.vstack([cat.raw[q.known], foreign])
+    return np.vstack([cat.audio[q.known], cat.scale(foreign)]), (raw.mean(0) if len(raw) else None)
 
 def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int):
     "Candidates for the seeds `q`, their features (rows in FEATURES order) and the seeds' genre."
@@ -210,14 +213,13 @@ def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: in
     parts.append(co_u[np.argsort(-co_score, kind="stable")[:n_cooc]])
     ac_u, ac_score, ac_pl = _cooc(st, _artist_playlists(st, fa, q.shadow))
     parts.append(ac_u[np.argsort(-ac_score, kind="stable")[:n_cooc]])
-    S = _seed_audio(cat, q)
+    S, profile = _seed_audio(cat, q)
     centroid = S.mean(0) if len(S) else None
     knn = _nearest(cat, centroid, n_audio) if centroid is not None else np.empty(0, np.int64)
     parts.append(knn)
     labels = np.concatenate([st.label[K], st.artist_label[fa[fa >= 0]]])
     labels = labels[labels >= 0]
     share = np.bincount(labels, minlength=len(st.genres)) / max(len(labels), 1)
-    profile = q.audio_profile(cat.lookup)
     if len(labels): g = int(np.argmax(share))  # the seeds' own genre labels (a foreign seed's: its artist's)
     elif profile is not None: g = int(st.class_index[np.argmax(st.classifier.predict_proba(profile[None])[0])])
     else: g = st.default_genre

@@ -181,12 +181,15 @@ class OriginalRecommender(Recommender):
 
     def predict_genre(self, q: Seeds) -> str:
         "The genre the classifier gives the seeds' mean audio features."
-        return str(self.classifier_.predict(_profile(self, q)[None])[0])
+        return self._genre(_profile(self, q)[None])
+
+    def _genre(self, x: np.ndarray) -> str: return str(self.classifier_.predict(x)[0])
 
     def _rank(self, q, n):
-        genre = self.predict_genre(q)
+        x = _profile(self, q)[None]  # read once: the genre and its mixture component both start from it
+        genre = self._genre(x)
         gm = self.mixtures_.mixtures[genre]
-        c = int(gm.predict(self.mixtures_.transform(_profile(self, q)[None]))[0])
+        c = int(gm.predict(self.mixtures_.transform(x))[0])
         return self.lists_[(genre, c)][:n]
 
 # %% ../nbs/06_recommend.ipynb #4797d866
