@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from msr.core import PLAYLIST_TRACKS, SPLITS, TRACKS, load_params
-from msr.evaluate import fit_playlists
-from msr.recommend import fit_recommender
+from msr.transform import fit_playlists
+from msr.model import MsrRecommender
 
 from foreign import as_records
 
@@ -41,12 +41,11 @@ def main():
     os.chdir(ROOT)
     tracks, pt, splits = (pd.read_parquet(p) for p in [TRACKS, PLAYLIST_TRACKS, SPLITS])
     train = fit_playlists(pt, splits, "test")
-    params = {"model": "msr", **load_params(section="train")}
-    params["ltr_settings"] = tuple(params["ltr_settings"])
+    params = load_params(section="train")
     fits = []
     for _ in range(args.fits):
         t0 = time.perf_counter()
-        model = fit_recommender(tracks, train, params)
+        model = MsrRecommender(**params).fit(tracks, train)
         fits.append(time.perf_counter() - t0)
     # queries: seeds drawn from real playlists long enough to give them
     rng = np.random.default_rng(0)

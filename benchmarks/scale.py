@@ -53,12 +53,11 @@ def synthesize(tracks: pd.DataFrame, pt: pd.DataFrame, n: int, seed: int = 0) ->
 def one(n: int, queries: int, seeds: int, k: int) -> dict:
     os.chdir(ROOT)
     from msr.core import PLAYLIST_TRACKS, TRACKS, load_params
-    from msr.recommend import fit_recommender
+    from msr.model import MsrRecommender
     tracks, pt = synthesize(pd.read_parquet(TRACKS), pd.read_parquet(PLAYLIST_TRACKS), n)
-    params = {"model": "msr", **load_params(section="train")}
-    params["ltr_settings"] = tuple(params["ltr_settings"])
+    params = load_params(section="train")
     t0 = time.perf_counter()
-    model = fit_recommender(tracks, pt, params)
+    model = MsrRecommender(**params).fit(tracks, pt)
     fit_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     lists = pt.groupby("playlist_id")["track_id"].apply(list)

@@ -16,16 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from msr.core import SONGS, load_params
-from msr.evaluate import evaluate_model, fit_playlists, foreign_queries, summarize, without_tracks
+from msr.evaluate import evaluate_model, fit_recommender, foreign_queries, summarize, without_tracks
 from msr.metrics import METRICS
-from msr.recommend import fit_recommender
-from msr.transform import build_tables, make_queries, split_playlists
+from msr.transform import build_tables, fit_playlists, split_and_query
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_params(params: dict) -> dict:
-    train = {**params["train"], "ltr_settings": tuple(params["train"]["ltr_settings"])}
+    train = params["train"]
     clusters = {k: params["clusters"][k] for k in ["n_components", "covariance_type", "random_state"]}
     return {"msr": train, "original": {"genre": params["genre"], "clusters": clusters},
             "random": {"seed": params["evaluate"]["random_seed"]}}
@@ -47,11 +46,10 @@ def main():
     tracks, pt, _ = build_tables(pd.read_parquet(SONGS))
     rows = []
     for seed in args.seeds:
-        splits = split_playlists(pt, test_size=t["test_size"], valid_size=t["valid_size"], seed=seed)
-        queries = make_queries(pt, splits, t["query_settings"], min_tracks=t["min_tracks"], seed=seed)
+        splits, queries = split_and_query(pt, **{**t, "seed": seed})
         train = fit_playlists(pt, splits, args.split)
         for name in args.models:
-            model = fit_recommender(tracks, train, {"model": name, **per_model.get(name, {})})
+            model = fit_recommender(name, tracks, train, per_model.get(name))
             table = summarize(evaluate_model(model, queries, split=args.split, k=params["evaluate"]["k"]).assign(model=name))
             rows.append(table.reset_index().assign(split_seed=seed))
             print(f"seed {seed} {name}: half R-precision {table.loc[(name, 'half'), 'r_precision']:.4f}", flush=True)
@@ -63,7 +61,7 @@ def main():
         for removed, query_sets in by_removed.items():
             t_rest, pt_rest = without_tracks(tracks, train, removed)
             for name in args.models:
-                model = fit_recommender(t_rest, pt_rest, {"model": name, **per_model.get(name, {})})
+                model = fit_recommender(name, t_rest, pt_rest, per_model.get(name))
                 for fq in query_sets:
                     table = summarize(evaluate_model(model, fq, k=params["evaluate"]["k"]).assign(model=name))
                     rows.append(table.reset_index().assign(split_seed=seed))

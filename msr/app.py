@@ -14,27 +14,19 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params
+from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params, project_root
 from .monitor import MonitorLog, monitor_path, plot_served, summarize_served
 from .seeds import normalize, release_year
 from .serve import CHAMPION, MODEL_NAME, Answer, BadRequest, Service
 
 # %% auto #0
-__all__ = ['project_root', 'load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table',
-           'search_artists', 'track_label', 'results_html', 'summary_html', 'profile_figure', 'Dashboard']
+__all__ = ['load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table', 'search_artists', 'track_label',
+           'results_html', 'summary_html', 'profile_figure', 'Dashboard']
 
 # %% ../nbs/14_app.ipynb #01cc445d
-def project_root(start: str | Path | None = None) -> Path:
-    "`MSR_PROJECT_DIR`, else the nearest folder at or above `start` (default: cwd) with dvc.yaml and params.yaml."
-    if os.environ.get("MSR_PROJECT_DIR"): return Path(os.environ["MSR_PROJECT_DIR"]).resolve()
-    here = Path(start or os.getcwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "dvc.yaml").exists() and (d / "params.yaml").exists(): return d
-    raise FileNotFoundError(f"no msr project (dvc.yaml + params.yaml) at or above {here}; set MSR_PROJECT_DIR")
-
 def load_service(monitor: MonitorLog | None = None) -> Service:
     "The registry's champion as a `Service`, else the train stage's model file (its version label says which)."
-    from msr.stage import tracking_uri
+    from msr.tracking import tracking_uri
     try:
         import mlflow
         mlflow.set_tracking_uri(tracking_uri())

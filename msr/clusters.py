@@ -32,9 +32,10 @@ class GenreMixtures:
 
 def fit_genre_mixtures(tracks: pd.DataFrame,  # one row per track, with the audio features
                        labels: pd.Series,  # track_id → genre, from training playlists only
-                       n_components: int = 3,  # mixture components per genre (original: 3)
-                       covariance_type: str = "spherical",  # the original project's choice
-                       random_state: int = 42,  # seed of the mixtures' initialisation
+                       *,  # the values live in params.yaml (clusters: the original project's; train.clusters: msr's priors)
+                       n_components: int,  # mixture components per genre (original: 3)
+                       covariance_type: str,  # the original project's: spherical
+                       random_state: int,  # seed of the mixtures' initialisation
                       ) -> GenreMixtures:
     "Fit one Gaussian mixture per genre on the labelled tracks' standardised audio features."
     labelled = tracks.merge(labels.rename("genre"), left_on=TRACK_ID, right_index=True)
@@ -49,8 +50,9 @@ def fit_genre_mixtures(tracks: pd.DataFrame,  # one row per track, with the audi
     return GenreMixtures(scaler, mixtures)
 
 def mixture_scores(gm: GenreMixtures, tracks: pd.DataFrame, labels: pd.Series,
-                   silhouette_sample: int = 3000,  # silhouette is quadratic: score a seeded sample
-                   random_state: int = 42) -> pd.DataFrame:
+                   *, silhouette_sample: int,  # silhouette is quadratic: score a seeded sample of this many tracks
+                   random_state: int,  # the sample's seed
+                  ) -> pd.DataFrame:
     "Per genre: tracks, BIC and silhouette of the mixture's hard assignment."
     labelled = tracks.merge(labels.rename("genre"), left_on=TRACK_ID, right_index=True)
     rows = []

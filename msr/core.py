@@ -17,8 +17,8 @@ import yaml
 # %% auto #0
 __all__ = ['TRACK_ID', 'PLAYLIST_ID', 'GENRE', 'TRACK_COLUMNS', 'PLAYLIST_COLUMNS', 'RAW_COLUMNS', 'AUDIO_FEATURES', 'GENRES',
            'RAW_CSV', 'SONGS', 'QUARANTINE', 'TRACKS', 'PLAYLIST_TRACKS', 'SPLITS', 'QUERIES', 'FEED_TRACKS',
-           'FEED_PREVIOUS', 'MODELS_DIR', 'OUTPUTS', 'METRICS_DIR', 'PLOTS_DIR', 'load_params', 'atomic_path',
-           'write_json', 'read_json', 'save_figure']
+           'FEED_PREVIOUS', 'MODELS_DIR', 'OUTPUTS', 'METRICS_DIR', 'PLOTS_DIR', 'load_params', 'project_root',
+           'atomic_path', 'write_json', 'read_json', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #867ade4a
 TRACK_ID = "track_id"
@@ -71,6 +71,15 @@ def load_params(path: str | Path = "params.yaml",  # the project's params file
     if section is None: return params
     if section not in params: raise KeyError(f"{path} has no section {section!r} (sections: {', '.join(params)})")
     return params[section]
+
+# %% ../nbs/00_core.ipynb #58a6eb80
+def project_root(start: str | Path | None = None) -> Path:
+    "`MSR_PROJECT_DIR`, else the nearest folder at or above `start` (default: cwd) with dvc.yaml and params.yaml."
+    if os.environ.get("MSR_PROJECT_DIR"): return Path(os.environ["MSR_PROJECT_DIR"]).resolve()
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").exists() and (d / "params.yaml").exists(): return d
+    raise FileNotFoundError(f"no msr project (dvc.yaml + params.yaml) at or above {here}; set MSR_PROJECT_DIR")
 
 # %% ../nbs/00_core.ipynb #3ac08e71
 @contextmanager

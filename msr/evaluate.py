@@ -12,23 +12,30 @@ import numpy as np
 import pandas as pd
 
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
+from .baselines import BASELINES
 from .metrics import METRICS, recall_at
+from .model import MsrRecommender
+from .recommend import Recommender
+from .seeds import TrackLookup
 
 # %% auto #0
-__all__ = ['CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'fit_playlists', 'iter_queries', 'evaluate_model', 'summarize',
-           'recall_curve', 'foreign_queries', 'without_tracks']
+__all__ = ['MODELS', 'CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'fit_recommender', 'iter_queries', 'evaluate_model',
+           'summarize', 'recall_curve', 'foreign_queries', 'without_tracks']
+
+# %% ../nbs/08_evaluate.ipynb #fe82939e
+MODELS = {MsrRecommender.name: MsrRecommender, **BASELINES}
+
+def fit_recommender(name: str,  # a key of MODELS
+                    tracks: pd.DataFrame,  # the catalogue: one row per track
+                    playlist_tracks: pd.DataFrame,  # training playlists' (playlist, track) rows
+                    params: dict | None = None,  # the model's arguments (for msr: params.yaml's train section)
+                    lookup: TrackLookup | None = None,  # the catalogue's `TrackLookup`, if built already
+                   ) -> Recommender:
+    "Build the model called `name` with `params` and fit it."
+    if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](**(params or {})).fit(tracks, playlist_tracks, lookup)
 
 # %% ../nbs/08_evaluate.ipynb #db359a35
-def fit_playlists(playlist_tracks: pd.DataFrame,  # all (playlist, track) rows
-                  splits: pd.DataFrame,  # playlist_id → split
-                  split: str = "test",  # the split whose queries will be scored
-                 ) -> pd.DataFrame:
-    "The rows a model may learn from when it is scored on `split`'s queries."
-    allowed = {"test": ["train", "valid"], "valid": ["train"]}
-    if split not in allowed: raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
-    keep = splits.loc[splits["split"].isin(allowed[split]), PLAYLIST_ID]
-    return playlist_tracks[playlist_tracks[PLAYLIST_ID].isin(keep)]
-
 def iter_queries(queries: pd.DataFrame, split: str = "test"):
     "Yield (setting, playlist_id, seeds, held-out set) for one split's queries."
     q = queries[queries["split"] == split]

@@ -29,10 +29,11 @@ def playlist_genres(playlist_tracks: pd.DataFrame) -> pd.Series:
 # %% ../nbs/04_genre.ipynb #c4b27e2e
 def fit_genre_classifier(X: pd.DataFrame,  # mean audio features per playlist
                          y: pd.Series,  # the playlists' genres
-                         learning_rate: float = 0.008,  # the original project's value
-                         max_depth: int = 5,  # the original project's value
-                         n_estimators: int = 250,  # the original project's value
-                         random_state: int = 42,  # seed of the boosting's subsampling
+                         *,  # the values live in params.yaml (genre: the original project's; train.genre: msr's fallback)
+                         learning_rate: float,  # boosting learning rate (original: 0.008)
+                         max_depth: int,  # tree depth (original: 5)
+                         n_estimators: int,  # boosting rounds (original: 250)
+                         random_state: int,  # seed of the boosting's subsampling
                         ) -> GradientBoostingClassifier:
     "Fit the original project's genre classifier."
     if len(X) == 0: raise ValueError("no training playlists to fit the genre classifier on")

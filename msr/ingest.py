@@ -13,16 +13,16 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 from tqdm.auto import tqdm
 
 from .core import RAW_CSV, atomic_path
+from .redact import redact_url
 
 # %% auto #0
-__all__ = ['log', 'PUBLIC_URL', 'IngestError', 'SourceUnreachable', 'redact', 'download', 'extract_member', 'sha256sum', 'fetch',
-           'ingest']
+__all__ = ['log', 'PUBLIC_URL', 'IngestError', 'SourceUnreachable', 'download', 'extract_member', 'sha256sum', 'fetch', 'ingest']
 
 # %% ../nbs/01_ingest.ipynb #ee2e1e15
 log = logging.getLogger(__name__)
@@ -35,15 +35,6 @@ class IngestError(Exception):
 
 class SourceUnreachable(IngestError):
     "The source's host could not be reached (network down, DNS failure, timeout)."
-
-# %% ../nbs/01_ingest.ipynb #14ba442e
-def redact(source: str) -> str:
-    "`source` with any user:password and query string replaced by `***`."
-    parts = urlsplit(str(source))
-    if not parts.scheme or parts.scheme == "file": return str(source)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    if "@" in parts.netloc: netloc = "***@" + netloc
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 # %% ../nbs/01_ingest.ipynb #699e12c1
 def download(url: str,  # http(s) URL, environment variables already expanded
@@ -155,7 +146,7 @@ def _local_path(source: str) -> Path | None:
     if parts.scheme == "file": return Path(unquote(parts.path))
     if parts.scheme in ("http", "https"): return None
     if parts.scheme and len(parts.scheme) > 1:
-        raise IngestError(f"unsupported source scheme {parts.scheme!r} in {redact(source)} "
+        raise IngestError(f"unsupported source scheme {parts.scheme!r} in {redact_url(source)} "
                           "(use an http(s) URL, a file path or a file:// URL)")
     return Path(source)
 
@@ -171,7 +162,7 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
          ) -> dict:
     "Fetch `source` into `dest` (a CSV) atomically; return what was fetched."
     if not str(source).strip(): raise IngestError("ingest.source is empty: give a URL, a path or a file:// URL")
-    shown = redact(source)
+    shown = redact_url(source)
     resolved = os.path.expandvars(str(source))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +201,7 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
         shutil.rmtree(work, ignore_errors=True)
 
 # %% ../nbs/01_ingest.ipynb #826864e7
-def ingest(source: str = PUBLIC_URL,  # where the data lives (URL, path or file:// URL; zip or csv)
+def ingest(source: str,  # where the data lives (URL, path or file:// URL; zip or csv)
            offline: bool = False,  # True: read `offline_source` and never touch the network
            offline_source: str = "",  # the shipped copy, used offline or when `source` is unreachable
            **kwargs,  # passed on to `fetch`

@@ -11,14 +11,14 @@ import scipy.sparse as sp
 from sklearn.preprocessing import StandardScaler
 
 from .clusters import fit_genre_mixtures
-from .core import AUDIO_FEATURES, GENRE, PLAYLIST_ID, TRACK_ID
+from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
 from .recommend import Recommender
 from .seeds import Seeds, TrackLookup
 from .transform import track_genre_labels
 
 # %% auto #0
-__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'Catalogue', 'PlaylistStats', 'MsrRecommender', 'toy_world']
+__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'Catalogue', 'PlaylistStats', 'MsrRecommender']
 
 # %% ../nbs/11_model.ipynb #95f3fd4c
 SIMILARITY = ["danceability", "energy", "loudness", "speechiness", "acousticness",
@@ -320,19 +320,20 @@ class MsrRecommender(Recommender):
     "Candidate generators + LightGBM LambdaRank over playlist, artist, album, audio, era and genre features."
     name = "msr"
 
-    def __init__(self, n_audio: int = 200,  # audio nearest neighbours per query
-                 n_cooc: int = 300,  # co-occurring tracks per query (and per query's foreign artists)
-                 n_popular: int = 50,  # most played tracks of the seeds' genre
-                 n_rank: int = 150,  # candidates kept by the linear first stage for LambdaRank
-                 exact_knn_limit: int = 20_000,  # above this many tracks, audio neighbours come from the IVF index
-                 ltr_fraction: float = 0.4,  # training playlists used as ranker queries (the rest give their statistics)
-                 ltr_max_playlists: int = 300,  # at most this many ranker playlists (bounds fit time on big catalogues)
-                 ltr_settings: tuple = (0.5, 0.25, 5),  # seed fraction (<1) or count of the ranker's queries
-                 ltr_foreign: tuple = FOREIGN_MODES,  # each ranker query gets a twin with simulated foreign seeds, in one of these modes
-                 ranker: dict | None = None,  # LGBMRanker arguments
-                 genre: dict | None = None,  # `fit_genre_classifier` arguments
-                 clusters: dict | None = None,  # `fit_genre_mixtures` arguments
-                 seed: int = 42,  # seed of the ranker's queries and of LightGBM
+    def __init__(self, *,  # every argument is a key of params.yaml's train section, which holds their values
+                 n_audio: int,  # audio nearest neighbours per query
+                 n_cooc: int,  # co-occurring tracks per query (and per query's foreign artists)
+                 n_popular: int,  # most played tracks of the seeds' genre
+                 n_rank: int,  # candidates kept by the linear first stage for LambdaRank
+                 exact_knn_limit: int,  # above this many tracks, audio neighbours come from the IVF index
+                 ltr_fraction: float,  # training playlists used as ranker queries (the rest give their statistics)
+                 ltr_max_playlists: int,  # at most this many ranker playlists (bounds fit time on big catalogues)
+                 ltr_settings: list,  # seed fraction (<1) or count of the ranker's queries
+                 ltr_foreign: list,  # each ranker query gets a twin with simulated foreign seeds, in these modes (of FOREIGN_MODES)
+                 ranker: dict,  # LGBMRanker arguments
+                 genre: dict,  # `fit_genre_classifier` arguments (the fallback genre classifier)
+                 clusters: dict,  # `fit_genre_mixtures` arguments (the audio mixture priors)
+                 seed: int,  # seed of the ranker's queries and of LightGBM
                 ):
         self.n_audio, self.n_cooc, self.n_popular, self.n_rank = n_audio, n_cooc, n_popular, n_rank
         self.exact_knn_limit = exact_knn_limit
@@ -341,10 +342,7 @@ class MsrRecommender(Recommender):
         bad = set(ltr_foreign) - set(FOREIGN_MODES)
         if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
         self.ltr_foreign = tuple(ltr_foreign)
-        self.ranker = {"n_estimators": 150, "learning_rate": 0.05, "num_leaves": 31, "min_child_samples": 20,
-                       **(ranker or {})}
-        self.genre = {"n_estimators": 60, "learning_rate": 0.05, "max_depth": 3, **(genre or {})}
-        self.clusters = dict(clusters or {})
+        self.ranker, self.genre, self.clusters = dict(ranker), dict(genre), dict(clusters)
 
     def __setstate__(self, state):
         "Refuse a pickled model whose ranker was trained on another feature set than this msr computes."
@@ -443,27 +441,3 @@ class MsrRecommender(Recommender):
         out.attrs["genre"] = self.stats_.genres[g]  # the genre the model read from the seeds
         out.attrs["seeds"] = {"known": len(q.known), "foreign": q.n_foreign, **q.ignored}  # what the model made of the seeds
         return out
-
-# %% ../nbs/11_model.ipynb #37d76a2c
-def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, seed: int = 0):
-    "A small synthetic (tracks, playlist_tracks) pair in the real tables' shape, for tests and examples."
-    rng = np.random.default_rng(seed)
-    n = n_artists * per_artist
-    centers = rng.uniform(size=(n_artists, len(AUDIO_FEATURES)))
-    art = np.repeat(np.arange(n_artists), per_artist)
-    feats = np.clip(centers[art] + rng.normal(0, 0.03, (n, len(AUDIO_FEATURES))), 0, 1)
-    tracks = pd.DataFrame(feats, columns=AUDIO_FEATURES)
-    tracks.insert(0, TRACK_ID, [f"t{i:04d}" for i in range(n)])
-    tracks["track_artist"] = [f"artist {a}" for a in art]
-    tracks["track_album_id"] = [f"al{a}-{i % 2}" for a, i in zip(art, range(n))]
-    tracks["track_album_release_date"] = [str(1990 + a % 30) for a in art]
-    tracks["track_popularity"] = rng.integers(0, 100, n)
-    tracks["track_name"] = [f"song {i}" for i in range(n)]
-    genres = ["edm", "rock", "pop"]
-    rows = []
-    for p in range(n_playlists):
-        arts = rng.choice(n_artists, 3, replace=False)
-        for a in arts:
-            for i in rng.choice(per_artist, 6, replace=False):
-                rows.append((f"p{p:03d}", f"{genres[arts[0] % 3]} mix {p}", f"t{a * per_artist + i:04d}", genres[arts[0] % 3]))
-    return tracks, pd.DataFrame(rows, columns=[PLAYLIST_ID, "playlist_name", TRACK_ID, GENRE])

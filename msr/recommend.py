@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import pickle
-import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -14,15 +13,11 @@ import numpy as np
 import pandas as pd
 
 import msr
-from .clusters import fit_genre_mixtures
-from .core import AUDIO_FEATURES, TRACK_ID
+from .core import TRACK_ID
 from .seeds import Seeds, TrackLookup, read_seeds
-from .genre import fit_genre_classifier, playlist_features, playlist_genres
-from .transform import track_genre_labels
 
 # %% auto #0
-__all__ = ['MODEL_FORMAT', 'MODELS', 'Recommender', 'load_recommender', 'RandomRecommender', 'PopularityRecommender',
-           'ContentRecommender', 'OriginalRecommender', 'model_class', 'fit_recommender']
+__all__ = ['MODEL_FORMAT', 'Recommender', 'load_recommender']
 
 # %% ../nbs/06_recommend.ipynb #f5cfadb4
 MODEL_FORMAT = 2  # bump when a saved model can no longer be read by this code (2: track records as seeds)
@@ -108,106 +103,3 @@ def load_recommender(path: str | Path) -> Recommender:
             raise ValueError(f"{path} holds a model in format {header['format']} saved by msr {header.get('msr_version')}; "
                              f"this msr {msr.__version__} reads format {MODEL_FORMAT}: retrain it (dvc repro)")
         return pickle.load(f)
-
-# %% ../nbs/06_recommend.ipynb #c7bb6a1c
-def _query_seed(q: Seeds) -> int:
-    "A number that identifies the query (its known seeds and its foreign seeds' names)."
-    return zlib.crc32(np.sort(q.known).astype(np.int64).tobytes() + "\x1f".join(q.names).encode())
-
-class RandomRecommender(Recommender):
-    "Uniformly random tracks (a floor every model must clear)."
-    name = "random"
-    def __init__(self, seed: int = 0): self.seed = seed
-    def _rank(self, q, n):
-        rng = np.random.default_rng([self.seed, _query_seed(q)])
-        return rng.choice(len(self.track_ids_), size=n, replace=False)
-
-class PopularityRecommender(Recommender):
-    "The most frequent tracks of the training playlists."
-    name = "popularity"
-    def _fit(self, tracks, playlist_tracks):
-        counts = playlist_tracks[TRACK_ID].map(self.index_).value_counts()
-        score = np.zeros(len(tracks))
-        score[counts.index.to_numpy()] = counts.to_numpy()
-        score += tracks["track_popularity"].fillna(0).to_numpy() / 1000  # tie-break, never outranks a count
-        self.order_ = np.argsort(-score, kind="stable")
-    def _rank(self, q, n): return self.order_[:n]
-
-# %% ../nbs/06_recommend.ipynb #7bce4e57
-def _profile(model: Recommender, q: Seeds) -> np.ndarray:
-    "The seeds' mean raw audio profile, or ValueError when no seed says anything of audio."
-    x = q.audio_profile(model.lookup_)
-    if x is None: raise ValueError(f"{model.name} needs audio: no seed has audio features or an artist in the catalogue")
-    return x
-
-class ContentRecommender(Recommender):
-    "Nearest tracks to the seeds' mean audio profile (standardised features)."
-    name = "content"
-    def _fit(self, tracks, playlist_tracks):
-        X = tracks[AUDIO_FEATURES].to_numpy(dtype=float)
-        self.mean_, self.scale_ = X.mean(0), np.where(X.std(0) > 0, X.std(0), 1)
-        self.features_ = ((X - self.mean_) / self.scale_).astype(np.float32)
-    def _rank(self, q, n):
-        x = ((_profile(self, q) - self.mean_) / self.scale_).astype(np.float32)
-        d = ((self.features_ - x) ** 2).sum(1)
-        top = np.argpartition(d, n - 1)[:n] if n < len(d) else np.arange(len(d))
-        return top[np.argsort(d[top], kind="stable")]
-
-# %% ../nbs/06_recommend.ipynb #95ee0fa3
-class OriginalRecommender(Recommender):
-    "Genre classifier → Gaussian-mixture component → that component's songs."
-    name = "original"
-    def __init__(self, genre: dict | None = None,  # `fit_genre_classifier` keyword arguments
-                 clusters: dict | None = None,  # `fit_genre_mixtures` keyword arguments
-                ):
-        self.genre, self.clusters = dict(genre or {}), dict(clusters or {})
-
-    def _fit(self, tracks, playlist_tracks):
-        X = playlist_features(tracks, playlist_tracks)
-        self.classifier_ = fit_genre_classifier(X, playlist_genres(playlist_tracks), **self.genre)
-        labels = track_genre_labels(playlist_tracks)
-        self.mixtures_ = fit_genre_mixtures(tracks, labels, **self.clusters)
-        self.features_ = tracks[AUDIO_FEATURES].to_numpy(dtype=float)
-        self.lists_ = {}
-        for genre, gm in self.mixtures_.mixtures.items():
-            idx = np.array([self.index_[t] for t in labels.index[labels == genre]])
-            Xs = self.mixtures_.transform(self.features_[idx])
-            comp = gm.predict(Xs)
-            for c in range(gm.n_components):
-                members, Z = idx[comp == c], Xs[comp == c]
-                var = np.broadcast_to(gm.covariances_[c], (Z.shape[1],)) if gm.covariance_type == "spherical" else None
-                dens = -((Z - gm.means_[c]) ** 2 / var).sum(1) if var is not None else gm.score_samples(Z)
-                self.lists_[(genre, c)] = members[np.argsort(-dens, kind="stable")]
-
-    def predict_genre(self, q: Seeds) -> str:
-        "The genre the classifier gives the seeds' mean audio features."
-        return self._genre(_profile(self, q)[None])
-
-    def _genre(self, x: np.ndarray) -> str: return str(self.classifier_.predict(x)[0])
-
-    def _rank(self, q, n):
-        x = _profile(self, q)[None]  # read once: the genre and its mixture component both start from it
-        genre = self._genre(x)
-        gm = self.mixtures_.mixtures[genre]
-        c = int(gm.predict(self.mixtures_.transform(x))[0])
-        return self.lists_[(genre, c)][:n]
-
-# %% ../nbs/06_recommend.ipynb #4797d866
-MODELS = {m.name: m for m in [OriginalRecommender, PopularityRecommender, RandomRecommender, ContentRecommender]}
-
-def model_class(name: str) -> type:
-    "The recommender class called `name` ('msr' is msr's own model, in `msr.model`)."
-    if name == "msr":
-        from msr.model import MsrRecommender  # msr.model builds on this module
-        return MsrRecommender
-    if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join([*MODELS, 'msr'])}")
-    return MODELS[name]
-
-def fit_recommender(tracks: pd.DataFrame,  # the catalogue: one row per track
-                    playlist_tracks: pd.DataFrame,  # training playlists' (playlist, track) rows
-                    params: dict | None = None,  # {"model": name, **that model's arguments}
-                    lookup: TrackLookup | None = None,  # the catalogue's `TrackLookup`, if built already
-                   ) -> Recommender:
-    "Build the model `params` names (default: msr's own model) and fit it."
-    params = dict(params or {})
-    return model_class(params.pop("model", "msr"))(**params).fit(tracks, playlist_tracks, lookup)

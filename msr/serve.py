@@ -286,7 +286,7 @@ def register(model_path: str | Path = MODELS_DIR / "recommender.pkl",  # the tra
              run_id: str | None = None,  # log into this MLflow run (default: MSR_STAGE_RUN, else a new run)
             ) -> dict:
     "Log and register the model; move the champion alias to it only if it beats the champion. Returns the decision."
-    from msr.stage import setup_mlflow
+    from msr.tracking import setup_mlflow
     evaluation = read_json(evaluation_path)
     try: score = float(evaluation["msr"][setting][metric])
     except (KeyError, TypeError): raise KeyError(f"{evaluation_path} has no msr/{setting}/{metric} score: run the evaluate stage with the msr model") from None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -21,14 +20,15 @@ import pandas as pd
 import requests
 
 from .core import AUDIO_FEATURES, TRACK_ID, TRACKS
+from .redact import redact_loggers
 from .seeds import RECORD_FIELDS
 
 # %% auto #0
 __all__ = ['EDITORIAL_PREFIX', 'USER_SCOPES', 'IMPORT_COLUMNS', 'PROVIDER_BATCH', 'SPOTIFY_FEATURES_BATCH', 'DEFAULT_USER',
            'SpotifyError', 'NotConfigured', 'BadCredentials', 'NotPermitted', 'NotFound', 'RateLimited',
            'SpotifyUnavailable', 'BadPlaylistLink', 'parse_playlist_id', 'default_cache_dir', 'SpotifySettings',
-           'PrivateTokenCache', 'retry_after', 'Caller', 'redact_secrets', 'app_client', 'user_client',
-           'ImportedPlaylist', 'import_playlist', 'FeatureChain', 'playlist_seeds', 'main']
+           'PrivateTokenCache', 'retry_after', 'Caller', 'app_client', 'user_client', 'ImportedPlaylist',
+           'import_playlist', 'FeatureChain', 'playlist_seeds', 'main']
 
 # %% ../nbs/15_spotify.ipynb #c1ae0d5a
 class SpotifyError(RuntimeError):
@@ -216,30 +216,9 @@ class _Malformed(Exception):
 # %% ../nbs/15_spotify.ipynb #d9b562e0
 USER_SCOPES = "playlist-read-private playlist-read-collaborative"
 
-_SECRETS = re.compile(r"(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+|"
-                      r"(['\"]?(?:access_token|refresh_token|client_secret|code_verifier|code)['\"]?\s*[:=]\s*['\"]?)[^'\",}&\s]+")
-
-def redact_secrets(text: str) -> str:
-    "`text` with bearer/basic credentials and token fields replaced by ***."
-    return _SECRETS.sub(lambda m: f"{m.group(1)} ***" if m.group(1) else f"{m.group(2)}***", text)
-
-class _RedactSecrets(logging.Filter):
-    "Rewrites spotipy's log records without tokens or credentials (it logs request headers and token bodies at DEBUG)."
-    def filter(self, record: logging.LogRecord) -> bool:
-        try: message = record.getMessage()
-        except Exception: return True
-        record.msg, record.args = redact_secrets(message), ()
-        return True
-
-def _quiet_spotipy():
-    "Whatever level logging is set to, spotipy's records reach handlers without tokens or credentials."
-    for name in ("spotipy.client", "spotipy.oauth2", "spotipy.cache_handler", "spotipy.util"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _RedactSecrets) for f in log.filters): log.addFilter(_RedactSecrets())
-
 def _client(auth_manager, settings: SpotifySettings):
     import spotipy
-    _quiet_spotipy()
+    redact_loggers("spotipy.client", "spotipy.oauth2", "spotipy.cache_handler", "spotipy.util")  # they log headers and token bodies
     sp = spotipy.Spotify(auth_manager=auth_manager, requests_session=requests.Session(),  # a plain session: no urllib3 retries
                          requests_timeout=settings.timeout, retries=0, status_retries=0)
     sp.prefix = settings.api_url if settings.api_url.endswith("/") else settings.api_url + "/"

@@ -6,126 +6,43 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from .core import OUTPUTS, load_params, read_json
-from .ingest import redact
+from .core import OUTPUTS, read_json
+from .tracking import git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, setup_mlflow
 
 # %% auto #0
-__all__ = ['SECRET_KEY', 'DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'STAGE_NOTEBOOKS', 'stage_params',
-           'declared_files', 'flatten', 'loggable_params', 'metric_key', 'numeric_metrics', 'tracking_uri',
-           'setup_mlflow', 'pipeline_key', 'git_commit', 'parent_run', 'StageFailed', 'run_stage', 'main']
+__all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'run_stage', 'main']
 
 # %% ../nbs/09_stage.ipynb #9f78dba4
+def _stages(repo: str | Path) -> dict:
+    return (yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}).get("stages", {})
+
 def stage_params(stage: str,  # a stage name from dvc.yaml
-                 dvc_yaml: str | Path = "dvc.yaml",  # the pipeline declaration
-                 params_file: str | Path = "params.yaml",  # the parameter values
+                 repo: str | Path = ".",  # the project (holding dvc.yaml and params.yaml)
                 ) -> dict:
-    "The papermill parameters of `stage`: the keys its `params:` entry declares, with their values."
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
-    if stage not in stages: raise KeyError(f"no stage {stage!r} in {dvc_yaml} (stages: {', '.join(stages)})")
-    values = load_params(params_file)
-    out: dict = {}
+    "The params.yaml sections `stage` declares, as `dvc.api.params_show` reads them; KeyError naming a declared key that is missing."
+    import dvc.api
+    stages = _stages(repo)
+    if stage not in stages: raise KeyError(f"no stage {stage!r} in dvc.yaml (stages: {', '.join(stages)})")
+    params = dvc.api.params_show(stages=stage, repo=str(repo))
     for entry in stages[stage].get("params", []):
-        if not isinstance(entry, str): raise ValueError(f"stage {stage!r}: only params from {params_file} are supported, got {entry!r}")
-        section, *path = entry.split(".")
-        value = values.get(section)
-        for key in path: value = value.get(key) if isinstance(value, dict) else None
-        if value is None: raise KeyError(f"stage {stage!r} declares param {entry!r} but {params_file} has no such key")
-        if section == stage: out.update(value if not path else {path[-1]: value})
-        elif path: out.setdefault(section, {})[path[-1]] = value
-        else: out[section] = value
-    return out
+        if not isinstance(entry, str): raise ValueError(f"stage {stage!r}: only params from params.yaml are supported, got {entry!r}")
+        value = params
+        for key in entry.split("."): value = value.get(key) if isinstance(value, dict) else None
+        if value is None: raise KeyError(f"stage {stage!r} declares param {entry!r} but params.yaml has no such key")
+    return params
 
 # %% ../nbs/09_stage.ipynb #a19b11b2
 def declared_files(stage: str, kind: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
     "Paths a stage declares under `kind` ('metrics', 'plots' or 'outs')."
     spec = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {}).get(stage, {})
     return [Path(next(iter(e)) if isinstance(e, dict) else e) for e in spec.get(kind, [])]
-
-# %% ../nbs/09_stage.ipynb #ff1fb66d
-SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api_?key|auth", re.I)
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    "Nested dicts to one level with dotted keys."
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict): out.update(flatten(v, key + "."))
-        else: out[key] = v
-    return out
-
-def loggable_params(params: dict) -> dict:
-    "Flattened parameters with secrets masked, URLs redacted, and keys MLflow accepts (`genres.r&b` -> `genres.r_b`)."
-    return {metric_key(k): "***" if SECRET_KEY.search(k) else redact(v) if isinstance(v, str) else v
-            for k, v in flatten(params).items()}
-
-def metric_key(key: str) -> str:
-    "A valid MLflow metric name."
-    return re.sub(r"[^0-9A-Za-z_\-. /:]", "_", key)
-
-def numeric_metrics(d: dict) -> dict:
-    "The finite numbers of a (nested) metrics dict, with valid MLflow keys joined by '/'."
-    flat = {metric_key(k.replace(".", "/")): v for k, v in flatten(d).items()}
-    return {k: float(v) for k, v in flat.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-# %% ../nbs/09_stage.ipynb #94df6eef
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_ARTIFACTS = Path("mlartifacts")
-DEFAULT_EXPERIMENT = "msr"
-
-def tracking_uri() -> str:
-    "The MLflow tracking URI in force."
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-def setup_mlflow() -> str:
-    "Point MLflow at the tracking store and return the experiment id (created with ./mlartifacts locally)."
-    import mlflow
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None: return exp.experiment_id
-    location = DEFAULT_ARTIFACTS.resolve().as_uri() if uri.startswith("sqlite:") else None
-    return mlflow.create_experiment(name, artifact_location=location)
-
-def pipeline_key() -> str:
-    "An id shared by the stages of one pipeline run."
-    if os.environ.get("MSR_PIPELINE_RUN"): return os.environ["MSR_PIPELINE_RUN"]
-    import psutil
-    for p in psutil.Process().parents():
-        try: cmd = p.cmdline()
-        except psutil.Error: continue
-        if any(Path(c).name == "dvc" for c in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
-            return f"dvc-{p.pid}-{int(p.create_time())}"
-    return f"solo-{os.getpid()}-{int(time.time())}"
-
-def git_commit() -> str:
-    "HEAD's commit, with '-dirty' when the work tree has changes; '' outside git."
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-def parent_run(client, experiment_id: str, key: str) -> str:
-    "The run id of the pipeline run `key`, created on first use."
-    found = client.search_runs([experiment_id], f"tags.`msr.pipeline` = '{key}' and tags.`msr.kind` = 'pipeline'", max_results=1)
-    if found: return found[0].info.run_id
-    name = "pipeline " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    return client.create_run(experiment_id, run_name=name, tags={"msr.pipeline": key, "msr.kind": "pipeline",
-                                                                  "mlflow.source.git.commit": git_commit()}).info.run_id
 
 # %% ../nbs/09_stage.ipynb #39847ade
 STAGE_NOTEBOOKS = Path("nbs/stages")
@@ -156,7 +73,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
     t0, status, error = time.time(), "FINISHED", None
     if run_id: os.environ["MSR_STAGE_RUN"] = run_id  # the stage's kernel may log into its own run (register does)
     try:
-        pm.execute_notebook(str(src), str(report), parameters=params, progress_bar=False,
+        pm.execute_notebook(str(src), str(report), parameters={"params": params}, progress_bar=False,
                             log_output=False, report_mode=False, cwd=".",
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])  # quiet kernel start-up
     except pm.PapermillExecutionError as e:

@@ -13,7 +13,8 @@ import pandas as pd
 from .core import GENRE, PLAYLIST_COLUMNS, PLAYLIST_ID, TRACK_COLUMNS, TRACK_ID
 
 # %% auto #0
-__all__ = ['build_tables', 'add_fed_tracks', 'split_playlists', 'make_queries', 'track_genre_labels']
+__all__ = ['build_tables', 'add_fed_tracks', 'split_playlists', 'fit_playlists', 'make_queries', 'split_and_query',
+           'track_genre_labels']
 
 # %% ../nbs/03_transform.ipynb #30f6a8d6
 def build_tables(songs: pd.DataFrame,  # validated raw rows
@@ -48,9 +49,10 @@ def add_fed_tracks(tracks: pd.DataFrame,  # the archive's tracks (`build_tables`
 
 # %% ../nbs/03_transform.ipynb #c694bc2d
 def split_playlists(playlist_tracks: pd.DataFrame,  # playlist_id, playlist_genre, ...
-                    test_size: float = 0.2,  # fraction of playlists held out for testing
-                    valid_size: float = 0.15,  # fraction of the remaining playlists for validation
-                    seed: int = 42,  # split seed
+                    *,  # the values live in params.yaml's transform section
+                    test_size: float,  # fraction of playlists held out for testing
+                    valid_size: float,  # fraction of the remaining playlists for validation
+                    seed: int,  # split seed
                    ) -> pd.DataFrame:
     "A `playlist_id` → `split` table with splits 'train', 'valid' and 'test'."
     for name, v in [("test_size", test_size), ("valid_size", valid_size)]:
@@ -66,15 +68,26 @@ def split_playlists(playlist_tracks: pd.DataFrame,  # playlist_id, playlist_genr
         parts.append(pd.DataFrame({PLAYLIST_ID: ids, "split": split}))
     return pd.concat(parts).sort_values(PLAYLIST_ID).reset_index(drop=True)
 
+# %% ../nbs/03_transform.ipynb #5bf67f9a
+def fit_playlists(playlist_tracks: pd.DataFrame,  # all (playlist, track) rows
+                  splits: pd.DataFrame,  # playlist_id → split (`split_playlists`)
+                  split: str,  # the split whose queries will be scored: 'test' or 'valid'
+                 ) -> pd.DataFrame:
+    "The rows a model may learn from when it is scored on `split`'s queries."
+    allowed = {"test": ["train", "valid"], "valid": ["train"]}
+    if split not in allowed: raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
+    keep = splits.loc[splits["split"].isin(allowed[split]), PLAYLIST_ID]
+    return playlist_tracks[playlist_tracks[PLAYLIST_ID].isin(keep)]
+
 # %% ../nbs/03_transform.ipynb #99ae23e6
 def make_queries(playlist_tracks: pd.DataFrame,  # playlist_id, track_id, ...
                  splits: pd.DataFrame,  # playlist_id → split
-                 settings: dict[str, float] | None = None,  # setting name → seed fraction (<1) or count (≥1)
-                 min_tracks: int = 10,  # playlists with fewer tracks make no query
-                 seed: int = 42,  # seed of the seeds/held-out assignment
+                 settings: dict[str, float],  # setting name → seed fraction (<1) or count (≥1)
+                 *,  # the values live in params.yaml's transform section
+                 min_tracks: int,  # playlists with fewer tracks make no query
+                 seed: int,  # seed of the seeds/held-out assignment
                 ) -> pd.DataFrame:
     "Rows of (split, setting, playlist_id, track_id, role) with role 'seed' or 'heldout'."
-    settings = settings or {"half": 0.5}
     for name, v in settings.items():
         if not v > 0: raise ValueError(f"query setting {name!r} must be a fraction in (0, 1) or a count ≥ 1, got {v}")
         if v >= 1 and int(v) >= min_tracks: raise ValueError(f"query setting {name!r} asks for {v} seeds but playlists may have only {min_tracks} tracks")
@@ -93,6 +106,15 @@ def make_queries(playlist_tracks: pd.DataFrame,  # playlist_id, track_id, ...
                                       TRACK_ID: order, "role": role}))
     cols = ["split", "setting", PLAYLIST_ID, TRACK_ID, "role"]
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+
+# %% ../nbs/03_transform.ipynb #a9b0c752
+def split_and_query(playlist_tracks: pd.DataFrame,  # playlist_id, playlist_genre, track_id, ...
+                    *, seed: int, test_size: float, valid_size: float, min_tracks: int,
+                    query_settings: dict[str, float],  # params.yaml's transform section, as it is
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The playlist split (`split_playlists`) and its queries (`make_queries`)."
+    splits = split_playlists(playlist_tracks, test_size=test_size, valid_size=valid_size, seed=seed)
+    return splits, make_queries(playlist_tracks, splits, query_settings, min_tracks=min_tracks, seed=seed)
 
 # %% ../nbs/03_transform.ipynb #f345e02a
 def track_genre_labels(playlist_tracks: pd.DataFrame,  # the training playlists' rows only

@@ -134,8 +134,8 @@ def free_port() -> int:
 def served_project(songs, tmp_path_factory) -> Path:
     """A project folder built from the real sample: tables, a fitted msr model and its evaluation, registered
     as `msr-recommender` v1 (champion) in the folder's own MLflow store (sqlite, ./mlartifacts)."""
-    from msr.core import PLAYLIST_TRACKS, TRACKS
-    from msr.recommend import fit_recommender
+    from msr.core import PLAYLIST_TRACKS, TRACKS, load_params
+    from msr.model import MsrRecommender
     from msr.transform import build_tables
     root = tmp_path_factory.mktemp("served")
     for f in ("params.yaml", "dvc.yaml"): shutil.copy2(ROOT / f, root / f)  # what marks a project root
@@ -147,7 +147,8 @@ def served_project(songs, tmp_path_factory) -> Path:
     # the model learns from every playlist but the largest, whose continuation the REST and dashboard tests ask for:
     # a query playlist is never one the model learned from (the evaluation protocol), as a person's own playlist is not
     biggest = playlist_tracks["playlist_id"].value_counts().index[0]
-    fit_recommender(tracks, playlist_tracks[playlist_tracks["playlist_id"] != biggest], {"model": "msr"}).save(root / "data/models/recommender.pkl")
+    MsrRecommender(**load_params(ROOT / "params.yaml", "train")).fit(
+        tracks, playlist_tracks[playlist_tracks["playlist_id"] != biggest]).save(root / "data/models/recommender.pkl")
     (root / "outputs/metrics").mkdir(parents=True)
     (root / "outputs/metrics/recommend.json").write_text('{"msr": {"half": {"r_precision": 0.25}}}')
     run([str(BIN / "python"), "-c", "from msr.serve import register; register()"], root,

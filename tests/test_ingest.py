@@ -10,7 +10,8 @@ import zipfile
 
 import pytest
 
-from msr.ingest import IngestError, SourceUnreachable, fetch, ingest, redact
+from msr.ingest import IngestError, SourceUnreachable, fetch, ingest
+from msr.redact import redact_url
 
 GOOD = b"track_id,energy\n6f807x0ima9a1j3VPbc7VN,0.5\n"
 
@@ -160,4 +161,4 @@ def test_credentials_from_environment_never_shown(http_server, dest, monkeypatch
     with pytest.raises(IngestError) as err:
         fetch(source, dest, progress=False)
     assert "HTTP 401" in str(err.value) and secret not in str(err.value)
-    assert secret not in redact(source.replace("${MSR_DATA_TOKEN}", secret))
+    assert secret not in redact_url(source.replace("${MSR_DATA_TOKEN}", secret))

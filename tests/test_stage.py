@@ -35,8 +35,8 @@ def test_secret_in_environment_never_logged(project, sample_zip, http_server):
     assert raw.read_bytes() == good  # the failed ingest left the good data alone
     for text in [ok.stdout, ok.stderr, bad.stdout, bad.stderr, all_text(project)]:
         assert SECRET not in text
-    params = dict(sqlite3.connect(project / "mlflow.db").execute("select key, value from params where key='source'"))
-    assert params["source"].startswith("http://***@127.0.0.1") and "sig=abc" not in params["source"]
+    params = dict(sqlite3.connect(project / "mlflow.db").execute("select key, value from params where key='ingest.source'"))
+    assert params["ingest.source"].startswith("http://***@127.0.0.1") and "sig=abc" not in params["ingest.source"]
 
 
 def test_failed_stage_is_recorded_and_named(project, tmp_path):
