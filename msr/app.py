@@ -12,6 +12,7 @@ from pathlib import Path
 import ipywidgets as W
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from IPython.display import display
 
 from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params, project_root
@@ -49,6 +50,7 @@ def playlist_table(playlist_tracks: pd.DataFrame) -> pd.DataFrame:
     out.loc[dup, "label"] += " · " + out.loc[dup, PLAYLIST_ID].str[:6]
     return out.sort_values("playlist_name", key=lambda s: s.str.lower(), kind="stable").reset_index(drop=True)
 
+# %% ../nbs/14_app.ipynb #ecc3f783
 def search_playlists(playlists: pd.DataFrame, query: str, limit: int = 200) -> pd.DataFrame:
     "Playlists whose name contains every word of `query` (case-insensitive)."
     words = query.lower().split()
@@ -56,6 +58,7 @@ def search_playlists(playlists: pd.DataFrame, query: str, limit: int = 200) -> p
     mask = np.logical_and.reduce([names.str.contains(w, regex=False) for w in words]) if words else np.ones(len(playlists), bool)
     return playlists[mask].head(limit)
 
+# %% ../nbs/14_app.ipynb #0c11b67a
 def search_tracks(tracks: pd.DataFrame, query: str, limit: int = 25) -> pd.DataFrame:
     "Tracks whose title or artist contains every word of `query`, most played first."
     words = query.lower().split()
@@ -66,6 +69,7 @@ def search_tracks(tracks: pd.DataFrame, query: str, limit: int = 25) -> pd.DataF
     if "track_popularity" in hits: hits = hits.sort_values("track_popularity", ascending=False, kind="stable")
     return hits.head(limit)
 
+# %% ../nbs/14_app.ipynb #0a35c9a3
 def artist_table(tracks: pd.DataFrame) -> pd.DataFrame:
     "The catalogue's artists with their normalised names and track counts, most tracks first."
     counts = tracks["track_artist"].dropna().astype(str).value_counts()
@@ -79,6 +83,7 @@ def search_artists(artists: pd.DataFrame,  # `artist_table`
     starts, inside = artists["key"].str.startswith(q), artists["key"].str.contains(q, regex=False)
     return pd.concat([artists.loc[starts, "artist"], artists.loc[inside & ~starts, "artist"]]).head(limit).tolist()
 
+# %% ../nbs/14_app.ipynb #139361e5
 def track_label(row) -> str:
     "'Title — Artist' for pickers."
     return f"{row['track_name']} — {row['track_artist']}"
@@ -96,6 +101,7 @@ def results_html(answer: Answer) -> str:
     head = "<tr><th>#</th><th>title</th><th>artist</th><th>score</th><th>why</th></tr>"
     return f"<table class='msr-results' style='border-collapse:collapse'>{head}{''.join(rows)}</table>"
 
+# %% ../nbs/14_app.ipynb #80fcc53a
 def summary_html(answer: Answer) -> str:
     "One line about the answer: genre, similarity, diversity, model version, time, ignored seeds."
     parts = [f"<b>{len(answer.table)}</b> recommendations for {len(answer.seeds) + answer.foreign} seed(s): "
@@ -106,6 +112,7 @@ def summary_html(answer: Answer) -> str:
     if answer.imported is not None: parts.insert(0, html.escape(answer.imported.summary()))
     return " · ".join(parts)
 
+# %% ../nbs/14_app.ipynb #74c3b784
 def profile_figure(service: Service, answer: Answer):
     "Bars: the seeds' and the recommendations' mean audio features, in catalogue standard deviations."
     import matplotlib.pyplot as plt
@@ -142,198 +149,258 @@ class Dashboard:
         self.answer: Answer | None = None
         self._build()
 
-    @classmethod
-    def from_project(cls, root: str | Path | None = None) -> "Dashboard":
-        "The dashboard over the project's tables, champion model and monitoring log (works from the project root)."
-        os.chdir(project_root(root))
-        for p in (TRACKS, PLAYLIST_TRACKS):
-            if not p.exists(): raise FileNotFoundError(f"{p} not found: run `make run` first")
-        path = monitor_path()  # relative paths: under the project root, where we now are
-        monitor = MonitorLog(path) if path else None
-        params = load_params().get("monitor", {})
-        return cls(load_service(monitor), pd.read_parquet(TRACKS), pd.read_parquet(PLAYLIST_TRACKS), monitor,
-                   params.get("window", 50), params.get("alert_threshold", 0.3))
+# %% ../nbs/14_app.ipynb #5021a860
+@patch
+def _playlist_options(self: Dashboard, query: str) -> list:
+    found = search_playlists(self.playlists, query)
+    return list(zip(found["label"], found[PLAYLIST_ID]))
 
-    def _build(self):
-        lay = W.Layout(width="520px")
-        self.mode = W.ToggleButtons(options=["Dataset playlist", "Pick tracks", "Spotify link"], description="Start from")
-        self.spotify_link = W.Text(placeholder="https://open.spotify.com/playlist/…", description="Link", layout=lay)
-        self.spotify_box = W.VBox([self.spotify_link, W.HTML(
-            "<small>A playlist you own or collaborate on (Spotify's rule for apps since 2026). Needs SPOTIFY_CLIENT_ID "
-            "in msr's environment and one <code>msr-spotify login</code>.</small>")])
-        self.spotify_box.layout.display = "none"
-        self.playlist_query = W.Text(placeholder="type part of a playlist name", description="Search", layout=lay)
-        self.playlist_pick = W.Select(options=self._playlist_options(""), rows=8, description="Playlist", layout=lay)
-        self.track_query = W.Text(placeholder="title or artist, then Enter or Find", description="Search", layout=lay)
-        self.track_find = W.Button(description="Find", icon="search")
-        self.track_hits = W.SelectMultiple(options=[], rows=8, description="Results", layout=lay)
-        self.track_add = W.Button(description="Add to seeds", icon="plus")
-        self.track_clear = W.Button(description="Clear seeds", icon="trash")
-        self.seed_list = W.HTML("<i>no seeds yet</i>")
-        self.new_title = W.Text(placeholder="title of a song msr does not have", description="Title", layout=lay)
-        self.new_artist = W.Combobox(placeholder="artist (suggestions from the catalogue)", description="Artist",
-                                     options=[], ensure_option=False, layout=lay)
-        self.new_date = W.Text(placeholder="release year, e.g. 2024 (optional)", description="Released", layout=lay)
-        self.new_add = W.Button(description="Add song", icon="plus")
-        self.k = W.IntSlider(value=20, min=5, max=100, step=5, description="k")
-        self.go = W.Button(description="Recommend", button_style="primary", icon="music")
-        self.status = W.HTML()
-        self.results = W.HTML()
-        self.plot = W.Output()
-        self.monitor_refresh = W.Button(description="Refresh", icon="refresh")
-        self.monitor_summary = W.HTML()
-        self.monitor_plot = W.Output()
-        for w, cls in [(self.go, "msr-go"), (self.playlist_pick, "msr-playlist"), (self.playlist_query, "msr-playlist-search"),
-                       (self.track_query, "msr-track-search"),
-                       (self.new_title, "msr-new-title"), (self.new_artist, "msr-new-artist"), (self.new_date, "msr-new-date"), (self.new_add, "msr-new-add"), (self.spotify_link, "msr-spotify-link"), (self.track_hits, "msr-track-hits"), (self.status, "msr-status"),
-                       (self.results, "msr-results-box"), (self.monitor_summary, "msr-monitor-summary"), (self.k, "msr-k"),
-                       (self.plot, "msr-profile-plot"), (self.monitor_plot, "msr-monitor-plot")]:
-            w.add_class(cls)
-        self.playlist_query.observe(lambda ch: self._filter_playlists(ch["new"]), names="value")
-        self.track_find.on_click(lambda _: self._find_tracks())
-        self.track_query.continuous_update = False
-        self.track_query.observe(lambda ch: self._find_tracks(), names="value")
-        self.track_add.on_click(lambda _: self._add_tracks())
-        self.track_clear.on_click(lambda _: self._clear_tracks())
-        self.new_artist.observe(lambda ch: self._suggest_artists(ch["new"]), names="value")
-        self.new_add.on_click(lambda _: self._add_song())
-        self.go.on_click(lambda _: self.recommend())
-        self.monitor_refresh.on_click(lambda _: self.refresh_monitor())
-        self.playlist_box = W.VBox([self.playlist_query, self.playlist_pick])
-        new_song = W.VBox([W.HTML("<b>Or a song msr does not have</b> (a new release, a track from your own playlist):"),
-                           self.new_title, self.new_artist, self.new_date, self.new_add])
-        self.track_box = W.VBox([W.HBox([self.track_query, self.track_find]), self.track_hits,
-                                 W.HBox([self.track_add, self.track_clear]), new_song, self.seed_list])
-        self.track_box.layout.display = "none"
-        self.mode.observe(self._switch, names="value")
-        header = W.HTML(f"<h2>msr — continue a playlist</h2><p>{len(self.tracks):,} tracks · {len(self.playlists):,} playlists · "
-                        f"model <b class='msr-model-header'>{html.escape(self.service.model_version)}</b></p>")
-        recommend = W.VBox([self.mode, self.playlist_box, self.track_box, self.spotify_box, self.k, self.go, self.status,
-                            self.results, self.plot])
-        monitor = W.VBox([self.monitor_refresh, self.monitor_summary, self.monitor_plot])
-        self.tabs = W.Tab(children=[recommend, monitor], titles=["Recommend", "Monitor"])
-        self.tabs.observe(lambda ch: ch["new"] == 1 and self.refresh_monitor(), names="selected_index")
-        self.widget = W.VBox([header, self.tabs])
+@patch
+def _start_widgets(self: Dashboard, lay: W.Layout):
+    "The 'Start from' toggle, the dataset-playlist box and the Spotify-link box."
+    self.mode = W.ToggleButtons(options=["Dataset playlist", "Pick tracks", "Spotify link"], description="Start from")
+    self.spotify_link = W.Text(placeholder="https://open.spotify.com/playlist/…", description="Link", layout=lay)
+    self.spotify_box = W.VBox([self.spotify_link, W.HTML(
+        "<small>A playlist you own or collaborate on (Spotify's rule for apps since 2026). Needs SPOTIFY_CLIENT_ID "
+        "in msr's environment and one <code>msr-spotify login</code>.</small>")])
+    self.spotify_box.layout.display = "none"
+    self.playlist_query = W.Text(placeholder="type part of a playlist name", description="Search", layout=lay)
+    self.playlist_pick = W.Select(options=self._playlist_options(""), rows=8, description="Playlist", layout=lay)
+    self.playlist_box = W.VBox([self.playlist_query, self.playlist_pick])
 
-    def _playlist_options(self, query: str) -> list:
-        found = search_playlists(self.playlists, query)
-        return list(zip(found["label"], found[PLAYLIST_ID]))
+# %% ../nbs/14_app.ipynb #e097bfd6
+@patch
+def _track_widgets(self: Dashboard, lay: W.Layout):
+    "The 'Pick tracks' box: search, add to the seeds, type in a song, and the seed list."
+    self.track_query = W.Text(placeholder="title or artist, then Enter or Find", description="Search", layout=lay)
+    self.track_query.continuous_update = False
+    self.track_find = W.Button(description="Find", icon="search")
+    self.track_hits = W.SelectMultiple(options=[], rows=8, description="Results", layout=lay)
+    self.track_add = W.Button(description="Add to seeds", icon="plus")
+    self.track_clear = W.Button(description="Clear seeds", icon="trash")
+    self.seed_list = W.HTML("<i>no seeds yet</i>")
+    self.new_title = W.Text(placeholder="title of a song msr does not have", description="Title", layout=lay)
+    self.new_artist = W.Combobox(placeholder="artist (suggestions from the catalogue)", description="Artist",
+                                 options=[], ensure_option=False, layout=lay)
+    self.new_date = W.Text(placeholder="release year, e.g. 2024 (optional)", description="Released", layout=lay)
+    self.new_add = W.Button(description="Add song", icon="plus")
+    new_song = W.VBox([W.HTML("<b>Or a song msr does not have</b> (a new release, a track from your own playlist):"),
+                       self.new_title, self.new_artist, self.new_date, self.new_add])
+    self.track_box = W.VBox([W.HBox([self.track_query, self.track_find]), self.track_hits,
+                             W.HBox([self.track_add, self.track_clear]), new_song, self.seed_list])
+    self.track_box.layout.display = "none"
 
-    def _filter_playlists(self, query: str):
-        self.playlist_pick.options = self._playlist_options(query)
+# %% ../nbs/14_app.ipynb #091dc7bf
+@patch
+def _answer_widgets(self: Dashboard):
+    "k, the Recommend button, the status line, the results and the plot; the Monitor tab's widgets."
+    self.k = W.IntSlider(value=20, min=5, max=100, step=5, description="k")
+    self.go = W.Button(description="Recommend", button_style="primary", icon="music")
+    self.status, self.results, self.plot = W.HTML(), W.HTML(), W.Output()
+    self.monitor_refresh = W.Button(description="Refresh", icon="refresh")
+    self.monitor_summary, self.monitor_plot = W.HTML(), W.Output()
 
-    def _switch(self, change):
-        for box, mode in ((self.playlist_box, "Dataset playlist"), (self.track_box, "Pick tracks"), (self.spotify_box, "Spotify link")):
-            box.layout.display = None if change["new"] == mode else "none"
+@patch
+def _layout(self: Dashboard):
+    "The header over the Recommend and Monitor tabs."
+    header = W.HTML(f"<h2>msr — continue a playlist</h2><p>{len(self.tracks):,} tracks · {len(self.playlists):,} playlists · "
+                    f"model <b class='msr-model-header'>{html.escape(self.service.model_version)}</b></p>")
+    recommend = W.VBox([self.mode, self.playlist_box, self.track_box, self.spotify_box, self.k, self.go, self.status,
+                        self.results, self.plot])
+    monitor = W.VBox([self.monitor_refresh, self.monitor_summary, self.monitor_plot])
+    self.tabs = W.Tab(children=[recommend, monitor], titles=["Recommend", "Monitor"])
+    self.widget = W.VBox([header, self.tabs])
 
-    def _find_tracks(self):
-        hits = search_tracks(self.tracks, self.track_query.value)
-        self.track_hits.options = [(track_label(r), r[TRACK_ID]) for _, r in hits.iterrows()]
-        if self.track_query.value.strip() and not len(hits): self._say(f"no track matches '{self.track_query.value}'", error=True)
+# %% ../nbs/14_app.ipynb #d77ea979
+_CSS = {"go": "msr-go", "playlist_pick": "msr-playlist", "playlist_query": "msr-playlist-search", "track_query": "msr-track-search",
+        "new_title": "msr-new-title", "new_artist": "msr-new-artist", "new_date": "msr-new-date", "new_add": "msr-new-add",
+        "spotify_link": "msr-spotify-link", "track_hits": "msr-track-hits", "status": "msr-status", "results": "msr-results-box",
+        "monitor_summary": "msr-monitor-summary", "k": "msr-k", "plot": "msr-profile-plot", "monitor_plot": "msr-monitor-plot"}
 
-    def _add_tracks(self):
-        self.picked += [t for t in dict.fromkeys(self.track_hits.value) if t not in self.picked]
-        self._show_picked()
+@patch
+def _tag_widgets(self: Dashboard):
+    for name, css in _CSS.items(): getattr(self, name).add_class(css)
 
-    def _suggest_artists(self, text: str):
-        self.new_artist.options = search_artists(self.artists, text) if len(text.strip()) >= 2 else []
+# %% ../nbs/14_app.ipynb #d4a643e7
+@patch
+def _wire(self: Dashboard):
+    "Connect the widgets' events to the dashboard's methods."
+    self.mode.observe(lambda ch: self._switch(ch), names="value")
+    self.playlist_query.observe(lambda ch: self._filter_playlists(ch["new"]), names="value")
+    self.track_find.on_click(lambda _: self._find_tracks())
+    self.track_query.observe(lambda ch: self._find_tracks(), names="value")
+    self.track_add.on_click(lambda _: self._add_tracks())
+    self.track_clear.on_click(lambda _: self._clear_tracks())
+    self.new_artist.observe(lambda ch: self._suggest_artists(ch["new"]), names="value")
+    self.new_add.on_click(lambda _: self._add_song())
+    self.go.on_click(lambda _: self.recommend())
+    self.monitor_refresh.on_click(lambda _: self.refresh_monitor())
+    self.tabs.observe(lambda ch: ch["new"] == 1 and self.refresh_monitor(), names="selected_index")
 
-    def _add_song(self):
-        "Add the typed song as a track record (a foreign seed when the catalogue does not hold it)."
-        title, artist, date = self.new_title.value.strip(), self.new_artist.value.strip(), self.new_date.value.strip()
-        if not title: return self._say("type the title of the song first", error=True)
-        if not artist and not date: return self._say("give the artist of the song (or at least its release year)", error=True)
-        if date and np.isnan(release_year(date)): return self._say(f"'{date}' is not a release year or date (e.g. 2024 or 2024-05-01)", error=True)
-        record = {"track_name": title, **({"track_artist": artist} if artist else {}), **({"track_album_release_date": date} if date else {})}
-        if record not in self.picked: self.picked.append(record)
-        self.new_title.value = self.new_artist.value = self.new_date.value = ""
-        self._say(f"added '{title}'")
-        self._show_picked()
+@patch
+def _build(self: Dashboard):
+    "All the widgets, laid out, tagged and wired."
+    lay = W.Layout(width="520px")
+    self._start_widgets(lay)
+    self._track_widgets(lay)
+    self._answer_widgets()
+    self._layout()
+    self._tag_widgets()
+    self._wire()
 
-    def _clear_tracks(self):
-        self.picked = []
-        self._show_picked()
+# %% ../nbs/14_app.ipynb #2714a49c
+@patch
+def _filter_playlists(self: Dashboard, query: str):
+    self.playlist_pick.options = self._playlist_options(query)
 
-    def _show_picked(self):
-        if not self.picked: self.seed_list.value = "<i>no seeds yet</i>"; return
-        ids = [t for t in self.picked if isinstance(t, str)]
-        cards = self.tracks.set_index(TRACK_ID).reindex(ids)[["track_name", "track_artist"]].to_dict("index")
-        items = "".join(f"<li>{html.escape(str(cards[t]['track_name']))} — {html.escape(str(cards[t]['track_artist']))}</li>" if isinstance(t, str) else
-                        f"<li class='msr-new-seed'>{html.escape(t['track_name'])} — {html.escape(t.get('track_artist', '?'))} <i>(not in the catalogue)</i></li>"
-                        for t in self.picked)
-        self.seed_list.value = f"<b>{len(self.picked)} seed(s)</b><ol>{items}</ol>"
+# %% ../nbs/14_app.ipynb #847821ef
+@patch
+def _switch(self: Dashboard, change):
+    for box, mode in ((self.playlist_box, "Dataset playlist"), (self.track_box, "Pick tracks"), (self.spotify_box, "Spotify link")):
+        box.layout.display = None if change["new"] == mode else "none"
 
-    def _say(self, text: str, error: bool = False):
-        color = "#b00020" if error else "#555"
-        self.status.value = f"<span class='{'msr-error' if error else 'msr-info'}' style='color:{color}'>{html.escape(text)}</span>"
+# %% ../nbs/14_app.ipynb #f70678ee
+@patch
+def _say(self: Dashboard, text: str, error: bool = False):
+    color = "#b00020" if error else "#555"
+    self.status.value = f"<span class='{'msr-error' if error else 'msr-info'}' style='color:{color}'>{html.escape(text)}</span>"
 
-    def seeds(self) -> list:
-        "The seeds of the current choice: track ids, and track records of typed-in songs (`BadRequest` if there are none)."
-        if self.mode.value == "Dataset playlist":
-            if self.playlist_pick.value is None: raise BadRequest("pick a playlist first (type part of its name to find it)")
-            return self.pt.loc[self.pt[PLAYLIST_ID] == self.playlist_pick.value, TRACK_ID].tolist()
-        if not self.picked: raise BadRequest("add at least one track to the seeds first (search, select, 'Add to seeds', or type a song)")
-        return list(self.picked)
+# %% ../nbs/14_app.ipynb #cd3c6c3e
+@patch
+def _find_tracks(self: Dashboard):
+    hits = search_tracks(self.tracks, self.track_query.value)
+    self.track_hits.options = [(track_label(r), r[TRACK_ID]) for _, r in hits.iterrows()]
+    if self.track_query.value.strip() and not len(hits): self._say(f"no track matches '{self.track_query.value}'", error=True)
 
-    def recommend(self) -> Answer | None:
-        "Recommend for the current choice and show the results, the summary and the audio profile."
-        self.go.disabled = True
-        self._say("recommending…")
-        try:
-            if self.mode.value == "Spotify link":
-                self._say("reading the playlist from Spotify…")
-                self.answer = self.service.recommend(k=self.k.value, source="dashboard", playlist_url=self.spotify_link.value)
-            else:
-                seeds = self.seeds()
-                ids, records = [s for s in seeds if isinstance(s, str)], [s for s in seeds if isinstance(s, dict)]
-                self.answer = self.service.recommend(ids or None, self.k.value, source="dashboard", tracks=records)
-        except (BadRequest, ValueError) as e:
-            self.results.value = ""; self.plot.clear_output()
-            self._say(str(e), error=True); return None
-        except Exception as e:  # anything else: a message, never a traceback
-            self.results.value = ""; self.plot.clear_output()
-            self._say(f"msr could not answer: {type(e).__name__}: {e}", error=True); return None
-        finally:
-            self.go.disabled = False
-        self.status.value = f"<span class='msr-info'>{summary_html(self.answer)}</span>"
-        self.results.value = results_html(self.answer)
-        self._draw(self.plot, lambda: profile_figure(self.service, self.answer))
-        return self.answer
+# %% ../nbs/14_app.ipynb #594010b3
+@patch
+def _show_picked(self: Dashboard):
+    if not self.picked: self.seed_list.value = "<i>no seeds yet</i>"; return
+    ids = [t for t in self.picked if isinstance(t, str)]
+    cards = self.tracks.set_index(TRACK_ID).reindex(ids)[["track_name", "track_artist"]].to_dict("index")
+    items = "".join(f"<li>{html.escape(str(cards[t]['track_name']))} — {html.escape(str(cards[t]['track_artist']))}</li>" if isinstance(t, str) else
+                    f"<li class='msr-new-seed'>{html.escape(t['track_name'])} — {html.escape(t.get('track_artist', '?'))} <i>(not in the catalogue)</i></li>"
+                    for t in self.picked)
+    self.seed_list.value = f"<b>{len(self.picked)} seed(s)</b><ol>{items}</ol>"
 
-    def refresh_monitor(self) -> dict:
-        "Re-read the monitoring log and redraw the monitor tab; returns its summary."
-        if self.monitor is None:
-            self.monitor_summary.value = "<i>monitoring is off (MSR_MONITOR_DB=off)</i>"; return {}
-        df = self.monitor.frame()
-        s = summarize_served(df, len(self.tracks), self.window, self.threshold)
-        alert = (f"<b style='color:#b00020'>ALERT: rolling similarity {s['rolling_similarity']:.2f} is below {self.threshold}</b>"
-                 if s["alert"] else "no alert")
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-        self.monitor_summary.value = (f"<p>{s['served']} answers served · rolling similarity ({self.window}) {fmt(s['rolling_similarity'])} · "
-                                      f"{alert} · catalogue coverage {s['coverage']:.1%} · artist diversity {fmt(s['diversity'])} · "
-                                      f"models: {html.escape(', '.join(s['models']) or 'none')}</p>")
-        self._draw(self.monitor_plot, lambda: plot_served(df, self.window, self.threshold))
-        return s
+@patch
+def _add_tracks(self: Dashboard):
+    self.picked += [t for t in dict.fromkeys(self.track_hits.value) if t not in self.picked]
+    self._show_picked()
 
-    @staticmethod
-    def _draw(out: W.Output, make):
-        import matplotlib.pyplot as plt
-        out.clear_output(wait=True)
-        with out:
-            fig = make()
-            display(fig)
-            plt.close(fig)
+@patch
+def _clear_tracks(self: Dashboard):
+    self.picked = []
+    self._show_picked()
 
-    def show(self):
-        "Display the dashboard."
-        display(self.widget)
+# %% ../nbs/14_app.ipynb #71f26e4e
+@patch
+def _suggest_artists(self: Dashboard, text: str):
+    self.new_artist.options = search_artists(self.artists, text) if len(text.strip()) >= 2 else []
 
-    @classmethod
-    def launch(cls, root: str | Path | None = None) -> "Dashboard | None":
-        "Show the project's dashboard, or a message saying what to do when it cannot start (no traceback)."
-        try: dashboard = cls.from_project(root)
-        except Exception as e:
-            display(W.HTML(f"<p class='msr-error' style='color:#b00020'><b>msr cannot start:</b> {html.escape(f'{type(e).__name__}: {e}')}</p>"))
-            return None
-        dashboard.show()
-        return dashboard
+# %% ../nbs/14_app.ipynb #c3c75c68
+@patch
+def _add_song(self: Dashboard):
+    "Add the typed song as a track record (a foreign seed when the catalogue does not hold it)."
+    title, artist, date = self.new_title.value.strip(), self.new_artist.value.strip(), self.new_date.value.strip()
+    if not title: return self._say("type the title of the song first", error=True)
+    if not artist and not date: return self._say("give the artist of the song (or at least its release year)", error=True)
+    if date and np.isnan(release_year(date)): return self._say(f"'{date}' is not a release year or date (e.g. 2024 or 2024-05-01)", error=True)
+    record = {"track_name": title, **({"track_artist": artist} if artist else {}), **({"track_album_release_date": date} if date else {})}
+    if record not in self.picked: self.picked.append(record)
+    self.new_title.value = self.new_artist.value = self.new_date.value = ""
+    self._say(f"added '{title}'")
+    self._show_picked()
+
+# %% ../nbs/14_app.ipynb #2a94a2ba
+@patch
+def seeds(self: Dashboard) -> list:
+    "The seeds of the current choice: track ids, and track records of typed-in songs (`BadRequest` if there are none)."
+    if self.mode.value == "Dataset playlist":
+        if self.playlist_pick.value is None: raise BadRequest("pick a playlist first (type part of its name to find it)")
+        return self.pt.loc[self.pt[PLAYLIST_ID] == self.playlist_pick.value, TRACK_ID].tolist()
+    if not self.picked: raise BadRequest("add at least one track to the seeds first (search, select, 'Add to seeds', or type a song)")
+    return list(self.picked)
+
+# %% ../nbs/14_app.ipynb #2e9ade37
+@patch
+def _draw(self: Dashboard, out: W.Output, make):
+    import matplotlib.pyplot as plt
+    out.clear_output(wait=True)
+    with out:
+        fig = make()
+        display(fig)
+        plt.close(fig)
+
+# %% ../nbs/14_app.ipynb #818103ce
+@patch
+def recommend(self: Dashboard) -> Answer | None:
+    "Recommend for the current choice and show the results, the summary and the audio profile."
+    self.go.disabled = True
+    self._say("recommending…")
+    try:
+        if self.mode.value == "Spotify link":
+            self._say("reading the playlist from Spotify…")
+            self.answer = self.service.recommend(k=self.k.value, source="dashboard", playlist_url=self.spotify_link.value)
+        else:
+            seeds = self.seeds()
+            ids, records = [s for s in seeds if isinstance(s, str)], [s for s in seeds if isinstance(s, dict)]
+            self.answer = self.service.recommend(ids or None, self.k.value, source="dashboard", tracks=records)
+    except (BadRequest, ValueError) as e:
+        self.results.value = ""; self.plot.clear_output()
+        self._say(str(e), error=True); return None
+    except Exception as e:  # anything else: a message, never a traceback
+        self.results.value = ""; self.plot.clear_output()
+        self._say(f"msr could not answer: {type(e).__name__}: {e}", error=True); return None
+    finally:
+        self.go.disabled = False
+    self.status.value = f"<span class='msr-info'>{summary_html(self.answer)}</span>"
+    self.results.value = results_html(self.answer)
+    self._draw(self.plot, lambda: profile_figure(self.service, self.answer))
+    return self.answer
+
+# %% ../nbs/14_app.ipynb #325cecfc
+@patch
+def refresh_monitor(self: Dashboard) -> dict:
+    "Re-read the monitoring log and redraw the monitor tab; returns its summary."
+    if self.monitor is None:
+        self.monitor_summary.value = "<i>monitoring is off (MSR_MONITOR_DB=off)</i>"; return {}
+    df = self.monitor.frame()
+    s = summarize_served(df, len(self.tracks), self.window, self.threshold)
+    alert = (f"<b style='color:#b00020'>ALERT: rolling similarity {s['rolling_similarity']:.2f} is below {self.threshold}</b>"
+             if s["alert"] else "no alert")
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    self.monitor_summary.value = (f"<p>{s['served']} answers served · rolling similarity ({self.window}) {fmt(s['rolling_similarity'])} · "
+                                  f"{alert} · catalogue coverage {s['coverage']:.1%} · artist diversity {fmt(s['diversity'])} · "
+                                  f"models: {html.escape(', '.join(s['models']) or 'none')}</p>")
+    self._draw(self.monitor_plot, lambda: plot_served(df, self.window, self.threshold))
+    return s
+
+# %% ../nbs/14_app.ipynb #36bff432
+@patch
+def show(self: Dashboard):
+    "Display the dashboard."
+    display(self.widget)
+
+@patch(cls_method=True)
+def from_project(cls: Dashboard, root: str | Path | None = None) -> Dashboard:
+    "The dashboard over the project's tables, champion model and monitoring log (works from the project root)."
+    os.chdir(project_root(root))
+    for p in (TRACKS, PLAYLIST_TRACKS):
+        if not p.exists(): raise FileNotFoundError(f"{p} not found: run `make run` first")
+    path = monitor_path()  # relative paths: under the project root, where we now are
+    monitor = MonitorLog(path) if path else None
+    params = load_params().get("monitor", {})
+    return cls(load_service(monitor), pd.read_parquet(TRACKS), pd.read_parquet(PLAYLIST_TRACKS), monitor,
+               params.get("window", 50), params.get("alert_threshold", 0.3))
+
+# %% ../nbs/14_app.ipynb #1a9f3242
+@patch(cls_method=True)
+def launch(cls: Dashboard, root: str | Path | None = None) -> Dashboard | None:
+    "Show the project's dashboard, or a message saying what to do when it cannot start (no traceback)."
+    try: dashboard = cls.from_project(root)
+    except Exception as e:
+        display(W.HTML(f"<p class='msr-error' style='color:#b00020'><b>msr cannot start:</b> {html.escape(f'{type(e).__name__}: {e}')}</p>"))
+        return None
+    dashboard.show()
+    return dashboard
