@@ -16,7 +16,8 @@ from .core import AUDIO_FEATURES, MODELS_DIR, TRACK_ID, TRACKS
 from .monitor import AudioProfile, MonitorLog, artist_diversity
 from .recommend import Recommender, load_recommender
 from .seeds import RECORD_FIELDS
-from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound, NotPermitted, SpotifyError, playlist_seeds
+from .features import playlist_seeds
+from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound, NotPermitted, SpotifyError
 
 # %% auto #0
 __all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'CARD_COLUMNS', 'RESULT_COLUMNS', 'BadRequest', 'Unavailable',
