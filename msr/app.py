@@ -17,7 +17,8 @@ from IPython.display import display
 from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params, project_root
 from .monitor import MonitorLog, monitor_path, plot_served, summarize_served
 from .seeds import normalize, release_year
-from .serve import CHAMPION, MODEL_NAME, Answer, BadRequest, Service
+from .registry import CHAMPION, MODEL_NAME
+from .serve import Answer, BadRequest, Service
 
 # %% auto #0
 __all__ = ['load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table', 'search_artists', 'track_label',

@@ -20,7 +20,7 @@ from .seeds import Seeds, TrackLookup, read_seeds
 __all__ = ['MODEL_FORMAT', 'Recommender', 'load_recommender']
 
 # %% ../nbs/06_recommend.ipynb #f5cfadb4
-MODEL_FORMAT = 2  # bump when a saved model can no longer be read by this code (2: track records as seeds)
+MODEL_FORMAT = 3  # bump when a saved model can no longer be read by this code (2: track records as seeds; 3: served by msr.registry.MsrModel)
 
 class Recommender:
     "Base class: fit on (tracks, playlist_tracks), recommend track ids for seeds (track ids or track records)."
