@@ -18,6 +18,7 @@ from typing import Callable
 
 import pandas as pd
 import requests
+from fastcore.xdg import xdg_cache_home
 from fastcore.basics import patch
 from spotipy.cache_handler import CacheHandler
 
@@ -89,8 +90,7 @@ def _env(*names: str) -> str | None:
 def default_cache_dir() -> Path:
     "Where msr keeps Spotify tokens: MSR_SPOTIFY_CACHE, else $XDG_CACHE_HOME/msr/spotify, else ~/.cache/msr/spotify."
     if os.environ.get("MSR_SPOTIFY_CACHE"): return Path(os.environ["MSR_SPOTIFY_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "msr" / "spotify"
+    return xdg_cache_home() / "msr" / "spotify"
 
 # %% ../nbs/15_spotify.ipynb #4475e995
 @dataclass
