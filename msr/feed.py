@@ -5,7 +5,7 @@
 # %% ../nbs/16_feed.ipynb #294dd127
 from __future__ import annotations
 
-import argparse
+from fastcore.script import Param, call_parse, store_true
 import subprocess
 import sys
 import time
@@ -16,7 +16,8 @@ import pandas as pd
 
 from .core import (AUDIO_FEATURES, FEED_PREVIOUS, FEED_TRACKS, METRICS_DIR, SONGS, TRACK_COLUMNS, TRACK_ID, atomic_path,
                       read_json, write_json)
-from .spotify import Caller, FeatureChain, NotConfigured, SpotifyError, SpotifySettings, app_client
+from .features import FeatureChain
+from .spotify import Caller, NotConfigured, SpotifyError, SpotifySettings, app_client
 
 # %% auto #0
 __all__ = ['FEED_METRICS', 'FEED_COLUMNS', 'Budget', 'search_new_tracks', 'merge_fed', 'run_feed', 'main']
@@ -127,18 +128,16 @@ def run_feed(params: dict,  # the feed section of params.yaml
     return report
 
 # %% ../nbs/16_feed.ipynb #5ea67f3a
-def main(argv: list[str] | None = None):
-    "Console entry point: `msr-feed [--retrain]`."
-    ap = argparse.ArgumentParser(prog="msr-feed", description="Grow msr's catalogue from Spotify (the feed stage); optionally retrain.")
-    ap.add_argument("--retrain", action="store_true", help="run `dvc repro` when the catalogue grew past feed.retrain_threshold")
-    args = ap.parse_args(argv)
+@call_parse
+def main(retrain: Param("run `dvc repro` when the catalogue grew past feed.retrain_threshold", store_true) = False):
+    "Grow msr's catalogue from Spotify (the feed stage); optionally retrain (`msr-feed [--retrain]`)."
     dvc = [sys.executable, "-m", "dvc"]
     step = subprocess.run(dvc + ["repro", "--force", "--single-item", "feed"])
     if step.returncode != 0: print("msr-feed: the feed stage failed (see above)", file=sys.stderr); sys.exit(step.returncode)
     report = read_json(FEED_METRICS)
     print(f"msr-feed: {report['status']}: +{report['added']} tracks, growth {report['growth']:.2%} "
           f"(threshold {report['threshold']:.2%})" + (f" — {report['reason']}" if report.get("reason") else ""))
-    if report["retrain"] and args.retrain:
+    if report["retrain"] and retrain:
         print("msr-feed: retraining (dvc repro)")
         sys.exit(subprocess.run(dvc + ["repro"]).returncode)
     elif report["retrain"]:

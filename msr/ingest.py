@@ -40,8 +40,9 @@ class SourceUnreachable(IngestError):
 def download(url: str,  # http(s) URL, environment variables already expanded
              dest: Path,  # file to write the body to
              shown: str,  # the redacted URL, for messages
-             timeout: float = 60,  # seconds to connect and between bytes
-             max_bytes: int = 200_000_000,  # refuse larger bodies
+             *,  # the limits are params.yaml's ingest section
+             timeout: float,  # seconds to connect and between bytes
+             max_bytes: int,  # refuse larger bodies
              progress: bool = True,  # show a tqdm bar
             ) -> int:
     "Stream `url` into `dest`; return the number of bytes written."
@@ -80,9 +81,10 @@ def _unsafe_name(name: str) -> bool:
 
 def extract_member(archive: Path,  # a zip file
                    dest: Path,  # where the member's bytes go
-                   member: str = "spotify_songs.csv",  # file name to take from the archive
-                   max_bytes: int = 200_000_000,  # largest uncompressed size accepted
-                   max_ratio: float = 200.0,  # largest compression ratio accepted
+                   member: str,  # file name to take from the archive
+                   *,  # the limits are params.yaml's ingest section
+                   max_bytes: int,  # largest uncompressed size accepted
+                   max_ratio: float,  # largest compression ratio accepted
                    shown: str = "",  # the archive as shown in messages
                   ) -> int:
     "Copy one csv member of `archive` into `dest` with path-traversal and archive-bomb guards."
@@ -152,11 +154,12 @@ def _local_path(source: str) -> Path | None:
 
 def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv; ${VARS} expand from the environment
           dest: str | Path = RAW_CSV,  # the CSV to (re)write
-          member: str = "spotify_songs.csv",  # csv to take from a zip archive
-          timeout: float = 60,  # network timeout, seconds
-          max_bytes: int = 200_000_000,  # largest download or unpacked CSV accepted
-          max_ratio: float = 200.0,  # largest zip compression ratio accepted
-          sha256: str = "",  # expected sha256 of the CSV; empty to skip the check
+          *,  # member, timeout, max_bytes, max_ratio and sha256 are params.yaml's ingest section
+          member: str,  # csv to take from a zip archive
+          timeout: float,  # network timeout, seconds
+          max_bytes: int,  # largest download or unpacked CSV accepted
+          max_ratio: float,  # largest zip compression ratio accepted
+          sha256: str,  # expected sha256 of the CSV; empty to skip the check
           progress: bool = True,  # tqdm progress bar on downloads
           accept: Callable[[Path], object] | None = None,  # one more check of the new CSV before it replaces `dest`; raises to refuse it
          ) -> dict:
@@ -202,8 +205,9 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
 
 # %% ../nbs/01_ingest.ipynb #826864e7
 def ingest(source: str,  # where the data lives (URL, path or file:// URL; zip or csv)
-           offline: bool = False,  # True: read `offline_source` and never touch the network
-           offline_source: str = "",  # the shipped copy, used offline or when `source` is unreachable
+           *,  # params.yaml's ingest section, whole
+           offline: bool,  # True: read `offline_source` and never touch the network
+           offline_source: str,  # the shipped copy, used offline or when `source` is unreachable
            **kwargs,  # passed on to `fetch`
           ) -> dict:
     "Run the ingest step; the returned dict says which source was used."

@@ -5,13 +5,13 @@
 # %% ../nbs/09_stage.ipynb #89d51754
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from fastcore.script import Param, call_parse, store_true
 
 from .core import OUTPUTS, read_json
 from .tracking import git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, setup_mlflow
@@ -108,15 +108,13 @@ def _metric(key, value):
     from mlflow.entities import Metric
     return Metric(key, value, int(time.time() * 1000), 0)
 
-def main(argv: list[str] | None = None):
-    "Console entry point: `msr-stage <stage> [--no-track]`."
-    ap = argparse.ArgumentParser(prog="msr-stage", description="Run one msr pipeline stage notebook with papermill.")
-    ap.add_argument("stage", help="stage name, as in dvc.yaml")
-    ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    args = ap.parse_args(argv)
+@call_parse
+def main(stage: Param("stage name, as in dvc.yaml", str),
+         no_track: Param("do not log to MLflow", store_true) = False):
+    "Run one msr pipeline stage notebook with papermill (`msr-stage <stage> [--no_track]`)."
     t0 = time.time()
-    try: report = run_stage(args.stage, track=not args.no_track)
+    try: report = run_stage(stage, track=not no_track)
     except (StageFailed, FileNotFoundError, KeyError, ValueError) as e:
         print(f"msr-stage: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"msr-stage: {args.stage} done in {time.time() - t0:.1f}s, report {report}")
+    print(f"msr-stage: {stage} done in {time.time() - t0:.1f}s, report {report}")

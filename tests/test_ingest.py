@@ -10,8 +10,23 @@ import zipfile
 
 import pytest
 
+from conftest import ROOT
+from msr.core import load_params
 from msr.ingest import IngestError, SourceUnreachable, fetch, ingest
 from msr.redact import redact_url
+
+PARAMS = load_params(ROOT / "params.yaml", "ingest")
+LIMITS = {k: PARAMS[k] for k in ("member", "timeout", "max_bytes", "max_ratio")} | {"sha256": ""}  # no checksum: test data
+
+
+def get(source, dest, **kw) -> dict:
+    "`fetch` with params.yaml's limits, no progress bar, and whatever the test changes."
+    return fetch(source, dest, **{**LIMITS, "progress": False, **kw})
+
+
+def run_ingest(source, **kw) -> dict:
+    "`ingest` with params.yaml's limits, online, no progress bar, and whatever the test changes."
+    return ingest(source, **{**LIMITS, "offline": False, "offline_source": "", "progress": False, **kw})
 
 GOOD = b"track_id,energy\n6f807x0ima9a1j3VPbc7VN,0.5\n"
 
@@ -40,10 +55,10 @@ def test_download_csv_and_zip(http_server, dest):
     base, routes = http_server
     routes["/songs.csv"] = (200, {}, GOOD)
     routes["/songs.zip"] = (200, {}, zipped("tidytuesday/spotify_songs.csv", GOOD))
-    assert fetch(f"{base}/songs.csv", dest, progress=False)["rows"] == 1
+    assert get(f"{base}/songs.csv", dest)["rows"] == 1
     assert dest.read_bytes() == GOOD
     dest.write_bytes(b"")
-    assert fetch(f"{base}/songs.zip?dl=1", dest, progress=False)["bytes"] == len(GOOD)
+    assert get(f"{base}/songs.zip?dl=1", dest)["bytes"] == len(GOOD)
     assert dest.read_bytes() == GOOD
 
 
@@ -79,7 +94,7 @@ def test_bad_http_sources(http_server, dest, route, reply, message):
     base, routes = http_server
     if reply: routes[route] = reply
     with pytest.raises(IngestError, match=message):
-        fetch(f"{base}{route}", dest, progress=False, timeout=1, max_bytes=1_000_000)
+        get(f"{base}{route}", dest, timeout=1, max_bytes=1_000_000)
     assert_untouched(dest)
 
 
@@ -87,7 +102,7 @@ def test_oversized_download_refused(http_server, dest):
     base, routes = http_server
     routes["/big.csv"] = (200, {}, GOOD * 1000)
     with pytest.raises(IngestError, match="more than ingest.max_bytes"):
-        fetch(f"{base}/big.csv", dest, progress=False, max_bytes=1000)
+        get(f"{base}/big.csv", dest, max_bytes=1000)
     assert_untouched(dest)
 
 
@@ -100,14 +115,14 @@ def closed_port() -> int:
 def test_unreachable_host_then_offline_fallback(dest, tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/songs.csv"
     with pytest.raises(SourceUnreachable, match="could not reach 127.0.0.1"):
-        fetch(url, dest, progress=False, timeout=2)
+        get(url, dest, timeout=2)
     assert_untouched(dest)
     shipped = tmp_path / "shipped.zip"
     shipped.write_bytes(zipped("spotify_songs.csv", GOOD))
-    meta = ingest(url, offline_source=str(shipped), dest=dest, progress=False, timeout=2)
+    meta = run_ingest(url, offline_source=str(shipped), dest=dest, timeout=2)
     assert meta["route"] == "offline fallback" and dest.read_bytes() == GOOD
     # offline=True never touches the network, and an HTTP error is not "unreachable": no fallback
-    assert ingest("http://192.0.2.1/x.csv", offline=True, offline_source=str(shipped), dest=dest, progress=False)["route"] == "offline"
+    assert run_ingest("http://192.0.2.1/x.csv", offline=True, offline_source=str(shipped), dest=dest)["route"] == "offline"
 
 
 def test_http_error_does_not_fall_back(http_server, dest, tmp_path):
@@ -115,7 +130,7 @@ def test_http_error_does_not_fall_back(http_server, dest, tmp_path):
     shipped = tmp_path / "shipped.zip"
     shipped.write_bytes(zipped("spotify_songs.csv", GOOD))
     with pytest.raises(IngestError, match="HTTP 404"):
-        ingest(f"{base}/gone.csv", offline_source=str(shipped), dest=dest, progress=False)
+        run_ingest(f"{base}/gone.csv", offline_source=str(shipped), dest=dest)
     assert_untouched(dest)
 
 
@@ -126,7 +141,7 @@ def test_http_error_does_not_fall_back(http_server, dest, tmp_path):
 ])
 def test_bad_local_sources(dest, source, message):
     with pytest.raises(IngestError, match=message):
-        fetch(source, dest, progress=False)
+        get(source, dest)
     assert_untouched(dest)
 
 
@@ -134,7 +149,7 @@ def test_checksum_mismatch(dest, tmp_path):
     src = tmp_path / "songs.csv"
     src.write_bytes(GOOD)
     with pytest.raises(IngestError, match="expected ingest.sha256"):
-        fetch(str(src), dest, sha256="ab" * 32, progress=False)
+        get(str(src), dest, sha256="ab" * 32)
     assert_untouched(dest)
 
 
@@ -155,10 +170,10 @@ def test_credentials_from_environment_never_shown(http_server, dest, monkeypatch
     routes["/private.csv"] = (200, {}, guarded)
     monkeypatch.setenv("MSR_DATA_TOKEN", secret)
     source = base.replace("http://", "http://msr:${MSR_DATA_TOKEN}@") + "/private.csv"
-    meta = fetch(source, dest, progress=False)
+    meta = get(source, dest)
     assert dest.read_bytes() == GOOD and secret not in str(meta)
     monkeypatch.setenv("MSR_DATA_TOKEN", "wrong-" + secret)
     with pytest.raises(IngestError) as err:
-        fetch(source, dest, progress=False)
+        get(source, dest)
     assert "HTTP 401" in str(err.value) and secret not in str(err.value)
     assert secret not in redact_url(source.replace("${MSR_DATA_TOKEN}", secret))

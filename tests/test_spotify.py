@@ -16,9 +16,9 @@ import pytest
 from fake_spotify import CLIENT_ID, CLIENT_SECRET, USER_TOKEN, serve, track
 from msr.core import AUDIO_FEATURES
 from msr.feed import run_feed
-from msr.spotify import (BadCredentials, Caller, FeatureChain, NotConfigured, NotFound, NotPermitted, PrivateTokenCache,
-                         RateLimited, SpotifySettings, SpotifyUnavailable, app_client, import_playlist, playlist_seeds,
-                         user_client)
+from msr.features import FeatureChain, playlist_seeds
+from msr.spotify import (BadCredentials, Caller, NotConfigured, NotFound, NotPermitted, PrivateTokenCache, RateLimited,
+                         SpotifySettings, SpotifyUnavailable, app_client, import_playlist, user_client)
 
 PID = "3cEYpjA9oz9GiPac4AsH4n"
 EDITORIAL = "37i9dQZF1DXcBWIGoYBM5M"
