@@ -11,87 +11,104 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch, patch_to
 
 import msr
+import msr.seeds
 from .core import TRACK_ID
-from .seeds import Seeds, TrackLookup, read_seeds
+from .seeds import Seeds, TrackLookup
 
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'Recommender', 'load_recommender']
 
 # %% ../nbs/06_recommend.ipynb #f5cfadb4
-MODEL_FORMAT = 3  # bump when a saved model can no longer be read by this code (2: track records as seeds; 3: served by msr.registry.MsrModel)
-
 class Recommender:
     "Base class: fit on (tracks, playlist_tracks), recommend track ids for seeds (track ids or track records)."
     name = "base"
 
-    def fit(self, tracks: pd.DataFrame,  # the catalogue: one row per track
-            playlist_tracks: pd.DataFrame,  # training playlists' (playlist, track) rows
-            lookup: TrackLookup | None = None,  # `TrackLookup(tracks)` when the caller has one (several models, one catalogue)
-           ) -> "Recommender":
-        "Learn from the catalogue and the training playlists; return self."
-        if tracks.empty: raise ValueError("cannot fit a recommender on an empty catalogue")
-        if not tracks[TRACK_ID].is_unique: raise ValueError("tracks must have one row per track_id")
-        tracks = tracks.reset_index(drop=True)
-        self.track_ids_ = tracks[TRACK_ID].to_numpy(dtype=object)
-        self.index_ = {t: i for i, t in enumerate(self.track_ids_)}
-        self.lookup_ = lookup if lookup is not None else TrackLookup(tracks)
-        if len(self.lookup_.artist) != len(tracks): raise ValueError("the lookup was built from another catalogue than `tracks`")
-        self._fit(tracks, playlist_tracks[playlist_tracks[TRACK_ID].isin(self.index_)])
-        return self
-
-    def read_seeds(self, seeds: Iterable,  # track ids and/or track records (or `Seeds` already read)
-                  ) -> Seeds:
-        "The query's usable seeds (`msr.seeds.read_seeds`); ValueError saying what is missing when none is usable."
-        if not hasattr(self, "index_"): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
-        return seeds if isinstance(seeds, Seeds) else read_seeds(seeds, self.lookup_, self.index_)
-
-    def recommend(self, seeds: Iterable,  # the playlist so far: track ids and/or track records
-                  k: int = 20,  # how many tracks to return
-                 ) -> list[str]:
-        "Up to `k` catalogue track ids that continue the playlist, best first."
-        self._check_k(k)
-        q = self.read_seeds(seeds)
-        return self.track_ids_[self._finish(self._rank(q, self._wanted(q, k)), q.exclude, k)].tolist()
-
-    def recommend_explained(self, seeds: Iterable, k: int = 20) -> pd.DataFrame:
-        "The same tracks as `recommend`, as a table of track_id, score and reasons (a baseline has neither: NaN and [])."
-        ids = self.recommend(seeds, k)
-        return pd.DataFrame({TRACK_ID: ids, "score": [float("nan")] * len(ids), "reasons": [[] for _ in ids]})
-
-    def _wanted(self, q: Seeds, k: int) -> int:
-        "How many ranked tracks to ask `_rank` for, so that `k` are left once seeds are taken out."
-        return min(int(k) + len(q.exclude), len(self.track_ids_))
-
-    @staticmethod
-    def _check_k(k):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-
-    @staticmethod
-    def _finish(ranked, exclude: np.ndarray, k: int) -> np.ndarray:
-        "The first `k` of `ranked` (catalogue indices), without duplicates and without `exclude`, best first."
-        ranked = np.asarray(ranked, dtype=np.int64)
-        _, first = np.unique(ranked, return_index=True)
-        ranked = ranked[np.sort(first)]  # no duplicates, best first
-        if len(exclude) == 0: return ranked[:k]
-        excl = np.sort(exclude)
-        pos = np.searchsorted(excl, ranked).clip(max=len(excl) - 1)
-        return ranked[excl[pos] != ranked][:k]  # never a seed
-
     def _fit(self, tracks: pd.DataFrame, playlist_tracks: pd.DataFrame): pass
     def _rank(self, q: Seeds, n: int) -> np.ndarray: raise NotImplementedError
 
-    def save(self, path: str | Path) -> Path:
-        "Pickle the model behind a header that `load_recommender` checks first."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            pickle.dump({"format": MODEL_FORMAT, "msr_version": msr.__version__, "class": type(self).__name__}, f)
-            pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
-        return path
+# %% ../nbs/06_recommend.ipynb #d26b9496
+@patch
+def fit(self: Recommender, tracks: pd.DataFrame,  # the catalogue: one row per track
+        playlist_tracks: pd.DataFrame,  # training playlists' (playlist, track) rows
+        lookup: TrackLookup | None = None,  # `TrackLookup(tracks)` when the caller has one (several models, one catalogue)
+       ) -> "Recommender":
+    "Learn from the catalogue and the training playlists; return self."
+    if tracks.empty: raise ValueError("cannot fit a recommender on an empty catalogue")
+    if not tracks[TRACK_ID].is_unique: raise ValueError("tracks must have one row per track_id")
+    tracks = tracks.reset_index(drop=True)
+    self.track_ids_ = tracks[TRACK_ID].to_numpy(dtype=object)
+    self.index_ = {t: i for i, t in enumerate(self.track_ids_)}
+    self.lookup_ = lookup if lookup is not None else TrackLookup(tracks)
+    if len(self.lookup_.artist) != len(tracks): raise ValueError("the lookup was built from another catalogue than `tracks`")
+    self._fit(tracks, playlist_tracks[playlist_tracks[TRACK_ID].isin(self.index_)])
+    return self
 
+# %% ../nbs/06_recommend.ipynb #c320a473
+@patch
+def read_seeds(self: Recommender, seeds: Iterable,  # track ids and/or track records (or `Seeds` already read)
+              ) -> Seeds:
+    "The query's usable seeds (`msr.seeds.read_seeds`); ValueError saying what is missing when none is usable."
+    if not hasattr(self, "index_"): raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
+    return seeds if isinstance(seeds, Seeds) else msr.seeds.read_seeds(seeds, self.lookup_, self.index_)
+
+# %% ../nbs/06_recommend.ipynb #001d9a88
+@patch_to(Recommender, static_method=True)
+def _check_k(k):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+# %% ../nbs/06_recommend.ipynb #9623d7cf
+@patch
+def _wanted(self: Recommender, q: Seeds, k: int) -> int:
+    "How many ranked tracks to ask `_rank` for, so that `k` are left once seeds are taken out."
+    return min(int(k) + len(q.exclude), len(self.track_ids_))
+
+# %% ../nbs/06_recommend.ipynb #c27db4ec
+@patch_to(Recommender, static_method=True)
+def _finish(ranked, exclude: np.ndarray, k: int) -> np.ndarray:
+    "The first `k` of `ranked` (catalogue indices), without duplicates and without `exclude`, best first."
+    ranked = np.asarray(ranked, dtype=np.int64)
+    _, first = np.unique(ranked, return_index=True)
+    ranked = ranked[np.sort(first)]  # no duplicates, best first
+    if len(exclude) == 0: return ranked[:k]
+    excl = np.sort(exclude)
+    pos = np.searchsorted(excl, ranked).clip(max=len(excl) - 1)
+    return ranked[excl[pos] != ranked][:k]  # never a seed
+
+# %% ../nbs/06_recommend.ipynb #51c34250
+@patch
+def recommend(self: Recommender, seeds: Iterable,  # the playlist so far: track ids and/or track records
+              k: int = 20,  # how many tracks to return
+             ) -> list[str]:
+    "Up to `k` catalogue track ids that continue the playlist, best first."
+    self._check_k(k)
+    q = self.read_seeds(seeds)
+    return self.track_ids_[self._finish(self._rank(q, self._wanted(q, k)), q.exclude, k)].tolist()
+
+# %% ../nbs/06_recommend.ipynb #45cf8aa4
+@patch
+def recommend_explained(self: Recommender, seeds: Iterable, k: int = 20) -> pd.DataFrame:
+    "The same tracks as `recommend`, as a table of track_id, score and reasons (a baseline has neither: NaN and [])."
+    ids = self.recommend(seeds, k)
+    return pd.DataFrame({TRACK_ID: ids, "score": [float("nan")] * len(ids), "reasons": [[] for _ in ids]})
+
+# %% ../nbs/06_recommend.ipynb #cd4a5557
+MODEL_FORMAT = 3  # bump when a saved model can no longer be read by this code (2: track records as seeds; 3: served by msr.registry.MsrModel)
+
+@patch
+def save(self: Recommender, path: str | Path) -> Path:
+    "Pickle the model behind a header that `load_recommender` checks first."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({"format": MODEL_FORMAT, "msr_version": msr.__version__, "class": type(self).__name__}, f)
+        pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+# %% ../nbs/06_recommend.ipynb #bad5ccc2
 def load_recommender(path: str | Path) -> Recommender:
     "Load a model saved by `Recommender.save`, refusing files from an incompatible msr version."
     with open(path, "rb") as f:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 
 from .core import AUDIO_FEATURES, TRACK_ID
 
@@ -31,6 +32,7 @@ def normalize(text) -> str:
     s = " ".join(_PUNCT.sub(" ", s.casefold().replace("&", " and ")).split())
     return s or " ".join(text.casefold().split())  # names of punctuation only ("!!!") keep their characters
 
+# %% ../nbs/05a_seeds.ipynb #bde5c099
 _FEAT = re.compile(r"\s*[\(\[]?\s*\b(?:feat|ft|featuring)\b\.?\s.*$", re.IGNORECASE)
 _ARTIST_LIST = re.compile(r"\s*(?:,|;|/|\s&\s|\sx\s|\sand\s)\s*", re.IGNORECASE)
 
@@ -41,6 +43,7 @@ def artist_keys(text) -> list[str]:
     keys = [normalize(text), normalize(main)] + [normalize(p) for p in _ARTIST_LIST.split(main)]
     return [k for k in dict.fromkeys(keys) if k]
 
+# %% ../nbs/05a_seeds.ipynb #d76d4330
 def title_key(text) -> str:
     "A track title without bracketed parts or a ' - Remastered'-style suffix, normalised."
     if not isinstance(text, str): return ""
@@ -55,6 +58,7 @@ def release_year(value) -> float:
     else: return math.nan
     return y if 1000 <= y <= 2100 else math.nan
 
+# %% ../nbs/05a_seeds.ipynb #87b0b125
 def _codes(keys: pd.Series) -> tuple[np.ndarray, dict]:
     "Integer codes of `keys` and the key → code dict."
     codes, uniques = pd.factorize(keys)
@@ -64,6 +68,7 @@ def _hash(key: str) -> int:
     "A stable 64-bit hash of a string (the same in every process, unlike `hash`)."
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
+# %% ../nbs/05a_seeds.ipynb #77330bdb
 class KeyIndex:
     "Text keys (one or more parts) → a number, kept as sorted 64-bit hashes: 16 bytes a key where a dict takes ~200."
     def __init__(self, keys, values):
@@ -76,54 +81,89 @@ class KeyIndex:
     @staticmethod
     def key(*parts) -> str: return "\x1f".join(map(str, parts))
 
-    def find_many(self, keys: list) -> np.ndarray:
-        "The number stored for each key (a string from `KeyIndex.key`, or None), -1 where there is none."
-        out = np.full(len(keys), -1, np.int64)
-        given = [j for j, k in enumerate(keys) if k is not None]
-        if not given or not len(self.h): return out
-        x = np.fromiter((_hash(keys[j]) for j in given), np.uint64, len(given))
-        pos = np.searchsorted(self.h, x).clip(max=len(self.h) - 1)
-        out[given] = np.where(self.h[pos] == x, self.v[pos], -1)
-        return out
+# %% ../nbs/05a_seeds.ipynb #3fc1ea36
+@patch
+def find_many(self: KeyIndex, keys: list) -> np.ndarray:
+    "The number stored for each key (a string from `KeyIndex.key`, or None), -1 where there is none."
+    out = np.full(len(keys), -1, np.int64)
+    given = [j for j, k in enumerate(keys) if k is not None]
+    if not given or not len(self.h): return out
+    x = np.fromiter((_hash(keys[j]) for j in given), np.uint64, len(given))
+    pos = np.searchsorted(self.h, x).clip(max=len(self.h) - 1)
+    out[given] = np.where(self.h[pos] == x, self.v[pos], -1)
+    return out
 
-    def find(self, *parts) -> int:
-        "The number stored for the key made of `parts`, or -1."
-        return int(self.find_many([self.key(*parts)])[0])
+# %% ../nbs/05a_seeds.ipynb #e6a16a3b
+@patch
+def find(self: KeyIndex, *parts) -> int:
+    "The number stored for the key made of `parts`, or -1."
+    return int(self.find_many([self.key(*parts)])[0])
+
+# %% ../nbs/05a_seeds.ipynb #5f2dd97f
+def _column(tracks: pd.DataFrame, name: str) -> pd.Series:
+    "Column `name` of `tracks`, or a column of None where the table has none."
+    return tracks[name] if name in tracks else pd.Series([None] * len(tracks), index=tracks.index)
 
 class TrackLookup:
     "The catalogue's artists, albums, songs, years and audio, to read track records against."
     def __init__(self, tracks: pd.DataFrame):
-        col = lambda c: tracks[c] if c in tracks else pd.Series([None] * len(tracks), index=tracks.index)
-        artists = col("track_artist").fillna("").astype(str)
-        keys = artists.map({a: (artist_keys(a) or [""])[0] for a in artists.unique()})
-        self.artist, self.artist_code = _codes(keys)
-        self.artist_names = artists.groupby(self.artist).first().to_numpy(object)  # code → a display name
-        album_ids = col("track_album_id").fillna("?").astype(str)
-        self.album = pd.factorize(album_ids)[0].astype(np.int64)
-        self.album_ids = KeyIndex(album_ids, self.album)
-        album_names = col("track_album_name").map(normalize)
-        self.album_by_name = KeyIndex(map(KeyIndex.key, album_names, self.artist), self.album)
-        titles = col("track_name").map(title_key)
-        self.song = KeyIndex(map(KeyIndex.key, titles, self.artist), np.arange(len(tracks)))  # first track wins
-        dates = col("track_album_release_date")
-        self.year = pd.to_numeric(dates.astype(str).str[:4], errors="coerce").to_numpy(np.float32)
-        self.raw = tracks.reindex(columns=AUDIO_FEATURES).to_numpy(np.float64)
-        self.mean_audio = np.nanmean(self.raw, 0) if len(self.raw) else np.zeros(len(AUDIO_FEATURES))
-        sums = np.zeros((len(self.artist_names), len(AUDIO_FEATURES)))
-        np.add.at(sums, self.artist, np.nan_to_num(self.raw))
-        self.artist_audio = sums / np.bincount(self.artist, minlength=len(self.artist_names))[:, None]
+        col = lambda c: _column(tracks, c)
+        self._index_artists(col("track_artist"))
+        self._index_albums(col("track_album_id"), col("track_album_name"))
+        self._index_songs(col("track_name"))
+        self.year = pd.to_numeric(col("track_album_release_date").astype(str).str[:4], errors="coerce").to_numpy(np.float32)
+        self._read_audio(tracks)
 
-    def find_artist(self, name) -> int:
-        "The catalogue's code for an artist name (any of `artist_keys`), or -1."
-        key = normalize(name)
-        code = self.artist_code.get(key) if key else None  # the whole name: most names meet here
-        if code is not None: return code
-        return next((self.artist_code[k] for k in artist_keys(name)[1:] if k in self.artist_code), -1)
+# %% ../nbs/05a_seeds.ipynb #3f1f65a8
+@patch
+def _index_artists(self: TrackLookup, artists: pd.Series):
+    "Each track's artist code (`artist`), the normalised name → code dict and each code's display name."
+    artists = artists.fillna("").astype(str)
+    keys = artists.map({a: (artist_keys(a) or [""])[0] for a in artists.unique()})
+    self.artist, self.artist_code = _codes(keys)
+    self.artist_names = artists.groupby(self.artist).first().to_numpy(object)  # code → a display name
+
+# %% ../nbs/05a_seeds.ipynb #1a1afe87
+@patch
+def _index_albums(self: TrackLookup, ids: pd.Series, names: pd.Series):
+    "Each track's album code (`album`), found by album id (`album_ids`) or by album name and artist code (`album_by_name`)."
+    album_ids = ids.fillna("?").astype(str)
+    self.album = pd.factorize(album_ids)[0].astype(np.int64)
+    self.album_ids = KeyIndex(album_ids, self.album)
+    album_names = names.map(normalize)
+    self.album_by_name = KeyIndex(map(KeyIndex.key, album_names, self.artist), self.album)
+
+# %% ../nbs/05a_seeds.ipynb #035b7399
+@patch
+def _index_songs(self: TrackLookup, names: pd.Series):
+    "The catalogue index of each song (`song`), by title key and artist code."
+    titles = names.map(title_key)
+    self.song = KeyIndex(map(KeyIndex.key, titles, self.artist), np.arange(len(names)))  # first track wins
+
+# %% ../nbs/05a_seeds.ipynb #687c966c
+@patch
+def _read_audio(self: TrackLookup, tracks: pd.DataFrame):
+    "The raw AUDIO_FEATURES rows (`raw`), the catalogue's mean (`mean_audio`) and each artist's (`artist_audio`)."
+    self.raw = tracks.reindex(columns=AUDIO_FEATURES).to_numpy(np.float64)
+    self.mean_audio = np.nanmean(self.raw, 0) if len(self.raw) else np.zeros(len(AUDIO_FEATURES))
+    sums = np.zeros((len(self.artist_names), len(AUDIO_FEATURES)))
+    np.add.at(sums, self.artist, np.nan_to_num(self.raw))
+    self.artist_audio = sums / np.bincount(self.artist, minlength=len(self.artist_names))[:, None]
+
+# %% ../nbs/05a_seeds.ipynb #c4069545
+@patch
+def find_artist(self: TrackLookup, name) -> int:
+    "The catalogue's code for an artist name (any of `artist_keys`), or -1."
+    key = normalize(name)
+    code = self.artist_code.get(key) if key else None  # the whole name: most names meet here
+    if code is not None: return code
+    return next((self.artist_code[k] for k in artist_keys(name)[1:] if k in self.artist_code), -1)
 
 # %% ../nbs/05a_seeds.ipynb #7e9d899d
 RECORD_FIELDS = [TRACK_ID, "track_name", "track_artist", "track_album_id", "track_album_name",
                  "track_album_release_date", "track_popularity"] + AUDIO_FEATURES  # what a track record may carry
 
+# %% ../nbs/05a_seeds.ipynb #126a1e48
 @dataclass
 class Seeds:
     "A query's seeds: catalogue tracks and foreign tracks (as arrays); `shadow` marks simulated foreign seeds."
@@ -137,37 +177,32 @@ class Seeds:
     shadow: np.ndarray | None = None  # catalogue indices a simulated foreign seed stands for (training only)
     ignored: dict = field(default_factory=dict)  # why some seeds were left out -> how many
 
-    @property
-    def n_foreign(self) -> int: return len(self.artist)
-    @property
-    def n(self) -> int: return len(self.known) + len(self.artist)
-    @property
-    def has_audio(self) -> np.ndarray:
-        "Which foreign seeds carry audio features."
-        return ~np.isnan(self.audio).all(1) if len(self.audio) else np.zeros(0, bool)
-    @property
-    def exclude(self) -> np.ndarray:
-        "Catalogue indices never to recommend: the known seeds (and the tracks simulated seeds stand for)."
-        return self.known if self.shadow is None else np.concatenate([self.known, self.shadow])
+# %% ../nbs/05a_seeds.ipynb #9e115e4b
+@patch(as_prop=True)
+def n_foreign(self: Seeds) -> int: return len(self.artist)
 
-    @classmethod
-    def of_tracks(cls, lookup: TrackLookup, known, foreign=(), features: bool = True) -> "Seeds":
-        "Seeds from catalogue indices, with the tracks `foreign` indexes simulated as foreign records (for training)."
-        f = np.asarray(foreign, np.int64)
-        audio = lookup.raw[f] if features else np.full((len(f), len(AUDIO_FEATURES)), np.nan)
-        return cls(np.asarray(known, np.int64), lookup.artist[f], lookup.album[f], lookup.year[f].astype(np.float64),
-                   audio, np.full(len(f), np.nan), [""] * len(f), shadow=f)
+@patch(as_prop=True)
+def n(self: Seeds) -> int: return len(self.known) + len(self.artist)
 
-    def foreign_audio(self, lookup: TrackLookup) -> np.ndarray:
-        "Raw audio rows of the foreign seeds that say anything of audio: their features, the missing ones from their artist's profile (else the catalogue's mean)."
-        if not self.n_foreign: return np.empty((0, len(AUDIO_FEATURES)))
-        fill = np.where((self.artist >= 0)[:, None], lookup.artist_audio[np.maximum(self.artist, 0)], lookup.mean_audio)
-        return np.where(np.isnan(self.audio), fill, self.audio)[self.has_audio | (self.artist >= 0)]
+# %% ../nbs/05a_seeds.ipynb #21da8978
+@patch(as_prop=True)
+def has_audio(self: Seeds) -> np.ndarray:
+    "Which foreign seeds carry audio features."
+    return ~np.isnan(self.audio).all(1) if len(self.audio) else np.zeros(0, bool)
 
-    def audio_profile(self, lookup: TrackLookup) -> np.ndarray | None:
-        "Mean raw audio of the seeds (known tracks and `foreign_audio`); None if no seed says anything of audio."
-        rows = np.vstack([lookup.raw[self.known], self.foreign_audio(lookup)])
-        return rows.mean(0) if len(rows) else None
+@patch(as_prop=True)
+def exclude(self: Seeds) -> np.ndarray:
+    "Catalogue indices never to recommend: the known seeds (and the tracks simulated seeds stand for)."
+    return self.known if self.shadow is None else np.concatenate([self.known, self.shadow])
+
+# %% ../nbs/05a_seeds.ipynb #df1461aa
+@patch(cls_method=True)
+def of_tracks(cls: Seeds, lookup: TrackLookup, known, foreign=(), features: bool = True) -> "Seeds":
+    "Seeds from catalogue indices, with the tracks `foreign` indexes simulated as foreign records (for training)."
+    f = np.asarray(foreign, np.int64)
+    audio = lookup.raw[f] if features else np.full((len(f), len(AUDIO_FEATURES)), np.nan)
+    return cls(np.asarray(known, np.int64), lookup.artist[f], lookup.album[f], lookup.year[f].astype(np.float64),
+               audio, np.full(len(f), np.nan), [""] * len(f), shadow=f)
 
 # %% ../nbs/05a_seeds.ipynb #55cab450
 def _text(rec: Mapping, key: str, i: int) -> str | None:
@@ -186,23 +221,18 @@ def _number(rec: Mapping, key: str, i: int) -> float:
     if math.isinf(v): raise ValueError(f"seed {i}: '{key}' must be a finite number, got {v}")
     return float(v)
 
-def _missing_parts(rec: Mapping) -> str:
-    "What a useless record lacked, in words."
-    who = f"artist {rec.get('track_artist')!r} is not in the catalogue" if rec.get("track_artist") else "no artist"
-    return f"{who}, no album msr knows, no audio features and no release date"
+# %% ../nbs/05a_seeds.ipynb #3729c619
+def _year(rec: Mapping, i: int) -> float:
+    "The release year of record `i` (NaN when it has none); ValueError when its release date is not a date at all."
+    date = rec.get("track_album_release_date")
+    if date is not None and not isinstance(date, (str, int, float, np.integer, np.floating)) or isinstance(date, bool):
+        raise ValueError(f"seed {i}: 'track_album_release_date' must be a date like '2019-06-21', got {type(date).__name__}")
+    return release_year(date)
 
-def _shown(items: list, n: int = 3) -> str:
-    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
-
-def read_seeds(items,  # track id strings and/or track records (mappings with RECORD_FIELDS)
-               lookup: TrackLookup,  # the catalogue's lookup (`Recommender.lookup_`)
-               index: dict,  # track_id → catalogue index
-              ) -> Seeds:
-    "The usable seeds of a query; unknown ids and records with nothing usable are ignored, ValueError if nothing is left."
-    if isinstance(items, (str, bytes, Mapping)):
-        raise TypeError("seeds must be a list of track ids or track records, not a single " + ("record" if isinstance(items, Mapping) else "string"))
-    items = list(items)
-    known, unknown, records = [], [], []  # known: (position, catalogue index); records: foreign candidates
+# %% ../nbs/05a_seeds.ipynb #2a759159
+def _sort_seeds(items: list, lookup: TrackLookup, index: dict) -> tuple[list, list, list]:
+    "(known, unknown, records): the catalogue's tracks as (position, index), unknown ids once each, other records as (position, record, id, title, artist, artist code)."
+    known, unknown, records = [], [], []
     for i, item in enumerate(items):
         if isinstance(item, str):
             if item in index: known.append((i, index[item]))
@@ -214,20 +244,35 @@ def read_seeds(items,  # track id strings and/or track records (mappings with RE
         if tid is not None and tid in index: known.append((i, index[tid])); continue
         name, artist_name = _text(item, "track_name", i), _text(item, "track_artist", i)
         records.append((i, item, tid, name, artist_name, lookup.find_artist(artist_name) if artist_name else -1))
-    # the catalogue look-ups of all records at once: a release of a song the catalogue holds is that song
+    return known, unknown, records
+
+# %% ../nbs/05a_seeds.ipynb #4a0fe75d
+def _catalogue_songs(records: list, lookup: TrackLookup) -> tuple[list, list]:
+    "The records that are releases of a catalogue song, as (position, catalogue index), and the records left."
     songs = lookup.song.find_many([KeyIndex.key(title_key(name), a) if a >= 0 and name else None for _, _, _, name, _, a in records])
-    known += [(r[0], j) for r, j in zip(records, songs) if j >= 0]
-    records = [r for r, j in zip(records, songs) if j < 0]
+    return [(r[0], j) for r, j in zip(records, songs) if j >= 0], [r for r, j in zip(records, songs) if j < 0]
+
+# %% ../nbs/05a_seeds.ipynb #32ea6928
+def _albums(records: list, lookup: TrackLookup) -> tuple[list, np.ndarray]:
+    "Each record's album id (as given) and catalogue album code: by id, else by album name and artist (-1: none)."
     album_ids = [_text(item, "track_album_id", i) for i, item, *_ in records]
     albums = lookup.album_ids.find_many(album_ids)
     by_name = lookup.album_by_name.find_many([KeyIndex.key(normalize(_text(item, "track_album_name", i)), a) if b < 0 and a >= 0 else None
                                               for (i, item, *_, a), b in zip(records, albums)])
+    return album_ids, np.maximum(albums, by_name)
+
+# %% ../nbs/05a_seeds.ipynb #ad864c44
+def _missing_parts(rec: Mapping) -> str:
+    "What a useless record lacked, in words."
+    who = f"artist {rec.get('track_artist')!r} is not in the catalogue" if rec.get("track_artist") else "no artist"
+    return f"{who}, no album msr knows, no audio features and no release date"
+
+# %% ../nbs/05a_seeds.ipynb #2e81d66d
+def _foreign_rows(records: list, album_ids: list, albums: np.ndarray) -> tuple[list, list]:
+    "(rows, useless): (artist, album, year, audio, popularity, name) of each usable record, once each; (name, why) of the others."
     rows, seen, useless = [], set(), []
-    for (i, item, tid, name, artist_name, a), album_id, b in zip(records, album_ids, np.maximum(albums, by_name)):
-        date = item.get("track_album_release_date")
-        if date is not None and not isinstance(date, (str, int, float, np.integer, np.floating)) or isinstance(date, bool):
-            raise ValueError(f"seed {i}: 'track_album_release_date' must be a date like '2019-06-21', got {type(date).__name__}")
-        year = release_year(date)
+    for (i, item, tid, name, artist_name, a), album_id, b in zip(records, album_ids, albums):
+        year = _year(item, i)
         audio = [_number(item, f, i) for f in AUDIO_FEATURES]
         if a < 0 and b < 0 and math.isnan(year) and all(map(math.isnan, audio)):
             useless.append((name or tid or f"record {i}", _missing_parts(item))); continue
@@ -235,16 +280,57 @@ def read_seeds(items,  # track id strings and/or track records (mappings with RE
         if key in seen: continue
         seen.add(key)
         rows.append((a, int(b), year, audio, _number(item, "track_popularity", i), name or tid or f"record {i}"))
-    known = list(dict.fromkeys(j for _, j in sorted(known)))  # in the order given, without repeats
-    if not known and not rows:
-        if not items: raise ValueError("no seeds: give at least one track id or track record")
-        if not useless:
-            raise ValueError(f"none of the {len(unknown)} seed track ids is in the catalogue ({_shown(unknown)})")
-        parts = [f"{len(unknown)} track ids are not in the catalogue ({_shown(unknown)})"] if unknown else []
-        parts.append(f"{len(useless)} track records carry nothing msr can use: " +
-                     "; ".join(f"'{n}': {why}" for n, why in useless[:3]) + ("; ..." if len(useless) > 3 else ""))
-        raise ValueError(f"none of the {len(items)} seeds can be used: " + "; ".join(parts))
-    ignored = {k: v for k, v in [("unknown track ids", len(unknown)), ("records with nothing usable", len(useless))] if v}
+    return rows, useless
+
+# %% ../nbs/05a_seeds.ipynb #b0cde917
+def _shown(items: list, n: int = 3) -> str:
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+
+def _unusable(n: int, unknown: list, useless: list) -> ValueError:
+    "The error for a query of `n` seeds none of which can be used: `unknown` ids, `useless` (name, why) records."
+    if not n: return ValueError("no seeds: give at least one track id or track record")
+    if not useless:
+        return ValueError(f"none of the {len(unknown)} seed track ids is in the catalogue ({_shown(unknown)})")
+    parts = [f"{len(unknown)} track ids are not in the catalogue ({_shown(unknown)})"] if unknown else []
+    parts.append(f"{len(useless)} track records carry nothing msr can use: " +
+                 "; ".join(f"'{n}': {why}" for n, why in useless[:3]) + ("; ..." if len(useless) > 3 else ""))
+    return ValueError(f"none of the {n} seeds can be used: " + "; ".join(parts))
+
+# %% ../nbs/05a_seeds.ipynb #f7108e96
+def _as_seeds(known: list, rows: list, ignored: dict) -> Seeds:
+    "`Seeds` of the catalogue indices `known` and the foreign `rows` of `_foreign_rows`."
     a, b, year, audio, pop, names = zip(*rows) if rows else ([], [], [], np.empty((0, len(AUDIO_FEATURES))), [], [])
     return Seeds(np.array(known, np.int64), np.array(a, np.int64), np.array(b, np.int64), np.array(year, np.float64),
                  np.array(audio, np.float64).reshape(-1, len(AUDIO_FEATURES)), np.array(pop, np.float64), list(names), ignored=ignored)
+
+# %% ../nbs/05a_seeds.ipynb #4c7d6df0
+def read_seeds(items,  # track id strings and/or track records (mappings with RECORD_FIELDS)
+               lookup: TrackLookup,  # the catalogue's lookup (`Recommender.lookup_`)
+               index: dict,  # track_id → catalogue index
+              ) -> Seeds:
+    "The usable seeds of a query; unknown ids and records with nothing usable are ignored, ValueError if nothing is left."
+    if isinstance(items, (str, bytes, Mapping)):
+        raise TypeError("seeds must be a list of track ids or track records, not a single " + ("record" if isinstance(items, Mapping) else "string"))
+    items = list(items)
+    known, unknown, records = _sort_seeds(items, lookup, index)
+    songs, records = _catalogue_songs(records, lookup)  # a release of a song the catalogue holds is that song
+    rows, useless = _foreign_rows(records, *_albums(records, lookup))
+    known = list(dict.fromkeys(j for _, j in sorted(known + songs)))  # in the order given, without repeats
+    if not known and not rows: raise _unusable(len(items), unknown, useless)
+    ignored = {k: v for k, v in [("unknown track ids", len(unknown)), ("records with nothing usable", len(useless))] if v}
+    return _as_seeds(known, rows, ignored)
+
+# %% ../nbs/05a_seeds.ipynb #ef901b93
+@patch
+def foreign_audio(self: Seeds, lookup: TrackLookup) -> np.ndarray:
+    "Raw audio rows of the foreign seeds that say anything of audio: their features, the missing ones from their artist's profile (else the catalogue's mean)."
+    if not self.n_foreign: return np.empty((0, len(AUDIO_FEATURES)))
+    fill = np.where((self.artist >= 0)[:, None], lookup.artist_audio[np.maximum(self.artist, 0)], lookup.mean_audio)
+    return np.where(np.isnan(self.audio), fill, self.audio)[self.has_audio | (self.artist >= 0)]
+
+# %% ../nbs/05a_seeds.ipynb #10acff00
+@patch
+def audio_profile(self: Seeds, lookup: TrackLookup) -> np.ndarray | None:
+    "Mean raw audio of the seeds (known tracks and `foreign_audio`); None if no seed says anything of audio."
+    rows = np.vstack([lookup.raw[self.known], self.foreign_audio(lookup)])
+    return rows.mean(0) if len(rows) else None
