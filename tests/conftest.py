@@ -27,8 +27,10 @@ def songs_csv(tmp_path_factory) -> Path:
     if SHARED_ZIP.exists():
         with zipfile.ZipFile(SHARED_ZIP) as zf: dest.write_bytes(zf.read("spotify_songs.csv"))
         return dest
+    from msr.core import load_params
     from msr.ingest import IngestError, PUBLIC_URL, fetch
-    try: fetch(PUBLIC_URL, dest, progress=False, timeout=20)
+    limits = {k: v for k, v in load_params(ROOT / "params.yaml", "ingest").items() if k in ("member", "max_bytes", "max_ratio", "sha256")}
+    try: fetch(PUBLIC_URL, dest, **limits, progress=False, timeout=20)
     except IngestError as e: pytest.skip(f"the real archive is not at {SHARED_ZIP} and could not be downloaded: {e}")
     return dest
 
