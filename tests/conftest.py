@@ -1,8 +1,6 @@
 """Shared fixtures: the real songs archive, a sample of it, a local HTTP server and a throwaway project copy."""
 from __future__ import annotations
 
-import functools
-import io
 import os
 import shutil
 import subprocess
