@@ -56,9 +56,9 @@ sync-check: setup
 	  echo "Run 'make export clean-nbs readme' and commit the result."; exit 1; fi
 	@echo "sync-check: notebooks, library and README are in sync"
 
-# pyflakes and pycodestyle errors over the library and the notebooks (rules in pyproject.toml)
+# pyflakes and pycodestyle errors over the library, the notebooks, the tests and the benchmarks (rules in pyproject.toml)
 lint: setup
-	$(BIN)/ruff check msr nbs
+	$(BIN)/ruff check msr nbs tests benchmarks
 
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2

@@ -92,7 +92,7 @@ def main():
               "stage_s_median": per_stage}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| measure | median | min | max | runs |\n|---|---|---|---|---|")
+    print("| measure | median | min | max | runs |\n|---|---|---|---|---|")
     for name, key in [("full `dvc repro` from empty data/ and outputs/", "full_s"), ("no-op `dvc repro`", "noop_s")]:
         r = result[key]
         print(f"| {name} | {r['median']:.1f} s | {r['min']:.1f} s | {r['max']:.1f} s | {args.runs} |")

@@ -125,7 +125,7 @@ def main():
               "errors_total": sum(r["errors"] for r in runs), "median": med}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| clients | workers | requests/run | errors | p50 ms | p99 ms | req/s |\n|---|---|---|---|---|---|---|")
+    print("| clients | workers | requests/run | errors | p50 ms | p99 ms | req/s |\n|---|---|---|---|---|---|---|")
     print(f"| {args.clients} | {args.workers} | {args.requests} | {result['errors_total']} | {med['p50_ms']:.1f} | "
           f"{med['p99_ms']:.1f} | {med['throughput_rps']:.0f} |  (median of {args.runs} runs)")
 

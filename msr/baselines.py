@@ -8,6 +8,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from fastcore.basics import patch
 
 from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, TRACK_ID
@@ -63,7 +64,7 @@ class ContentRecommender(Recommender):
         top = np.argpartition(d, n - 1)[:n] if n < len(d) else np.arange(len(d))
         return top[np.argsort(d[top], kind="stable")]
 
-# %% ../nbs/06a_baselines.ipynb #95ee0fa3
+# %% ../nbs/06a_baselines.ipynb #304f489c
 class OriginalRecommender(Recommender):
     "Genre classifier → Gaussian-mixture component → that component's songs."
     name = "original"
@@ -72,35 +73,45 @@ class OriginalRecommender(Recommender):
                 ):
         self.genre, self.clusters = dict(genre), dict(clusters)
 
-    def _fit(self, tracks, playlist_tracks):
-        X = playlist_features(tracks, playlist_tracks)
-        self.classifier_ = fit_genre_classifier(X, playlist_genres(playlist_tracks), **self.genre)
-        labels = track_genre_labels(playlist_tracks)
-        self.mixtures_ = fit_genre_mixtures(tracks, labels, **self.clusters)
-        self.features_ = tracks[AUDIO_FEATURES].to_numpy(dtype=float)
-        self.lists_ = {}
-        for genre, gm in self.mixtures_.mixtures.items():
-            idx = np.array([self.index_[t] for t in labels.index[labels == genre]])
-            Xs = self.mixtures_.transform(self.features_[idx])
-            comp = gm.predict(Xs)
-            for c in range(gm.n_components):
-                members, Z = idx[comp == c], Xs[comp == c]
-                var = np.broadcast_to(gm.covariances_[c], (Z.shape[1],)) if gm.covariance_type == "spherical" else None
-                dens = -((Z - gm.means_[c]) ** 2 / var).sum(1) if var is not None else gm.score_samples(Z)
-                self.lists_[(genre, c)] = members[np.argsort(-dens, kind="stable")]
+# %% ../nbs/06a_baselines.ipynb #a546be16
+@patch
+def _fit(self: OriginalRecommender, tracks, playlist_tracks):
+    X = playlist_features(tracks, playlist_tracks)
+    self.classifier_ = fit_genre_classifier(X, playlist_genres(playlist_tracks), **self.genre)
+    labels = track_genre_labels(playlist_tracks)
+    self.mixtures_ = fit_genre_mixtures(tracks, labels, **self.clusters)
+    self.features_ = tracks[AUDIO_FEATURES].to_numpy(dtype=float)
+    self.lists_ = {}
+    for genre, gm in self.mixtures_.mixtures.items():
+        idx = np.array([self.index_[t] for t in labels.index[labels == genre]])
+        self.lists_.update(_component_lists(gm, genre, idx, self.mixtures_.transform(self.features_[idx])))
 
-    def predict_genre(self, q: Seeds) -> str:
-        "The genre the classifier gives the seeds' mean audio features."
-        return self._genre(_profile(self, q)[None])
+def _component_lists(gm, genre: str, idx: np.ndarray, Xs: np.ndarray) -> dict:
+    "(genre, component) → the component's tracks (catalogue indices), most typical first."
+    comp, out = gm.predict(Xs), {}
+    for c in range(gm.n_components):
+        members, Z = idx[comp == c], Xs[comp == c]
+        var = np.broadcast_to(gm.covariances_[c], (Z.shape[1],)) if gm.covariance_type == "spherical" else None
+        dens = -((Z - gm.means_[c]) ** 2 / var).sum(1) if var is not None else gm.score_samples(Z)
+        out[(genre, c)] = members[np.argsort(-dens, kind="stable")]
+    return out
 
-    def _genre(self, x: np.ndarray) -> str: return str(self.classifier_.predict(x)[0])
+# %% ../nbs/06a_baselines.ipynb #13258ff1
+@patch
+def _genre(self: OriginalRecommender, x: np.ndarray) -> str: return str(self.classifier_.predict(x)[0])
 
-    def _rank(self, q, n):
-        x = _profile(self, q)[None]  # read once: the genre and its mixture component both start from it
-        genre = self._genre(x)
-        gm = self.mixtures_.mixtures[genre]
-        c = int(gm.predict(self.mixtures_.transform(x))[0])
-        return self.lists_[(genre, c)][:n]
+@patch
+def predict_genre(self: OriginalRecommender, q: Seeds) -> str:
+    "The genre the classifier gives the seeds' mean audio features."
+    return self._genre(_profile(self, q)[None])
+
+@patch
+def _rank(self: OriginalRecommender, q, n):
+    x = _profile(self, q)[None]  # read once: the genre and its mixture component both start from it
+    genre = self._genre(x)
+    gm = self.mixtures_.mixtures[genre]
+    c = int(gm.predict(self.mixtures_.transform(x))[0])
+    return self.lists_[(genre, c)][:n]
 
 # %% ../nbs/06a_baselines.ipynb #7c2bd2e9
 BASELINES = {m.name: m for m in [RandomRecommender, PopularityRecommender, ContentRecommender, OriginalRecommender]}

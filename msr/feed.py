@@ -46,9 +46,9 @@ def _track_row(t: dict, genre: str) -> dict | None:
 def search_new_tracks(client,  # a spotipy client (an app token is enough for search)
                       genres: dict,  # genre label -> search query
                       budget: Budget,
-                      caller: Caller | None = None,
-                      page_size: int = 10,  # results a page (Spotify's 2026 maximum is 10)
-                      pages: int = 3,  # pages per genre, by offset
+                      caller: Caller | None,
+                      page_size: int,  # results a page (feed.page_size; Spotify's 2026 maximum is 10)
+                      pages: int,  # pages per genre, by offset (feed.pages_per_genre)
                      ) -> tuple[pd.DataFrame, dict]:
     "Tracks found by each genre's query, paging by offset within the budget; and what it took."
     if not 1 <= page_size <= 10: raise ValueError(f"page_size must be 1..10 (Spotify's search limit since 2026), got {page_size}")
@@ -89,7 +89,22 @@ def merge_fed(known_ids: set,  # track ids in the catalogue (archive + fed so fa
                     "features_from": {k: report[k] for k in ("catalogue", "provider", "spotify")},
                     "sources_off": report["disabled"], "growth": len(usable) / max(before, 1)}
 
-# %% ../nbs/16_feed.ipynb #6854d1d7
+# %% ../nbs/16_feed.ipynb #7c16a91d
+def _fed_so_far(fed_path: Path, songs_path: str | Path) -> tuple[pd.DataFrame, set]:
+    "The fed tracks (an empty table before the first run) and every track id msr knows."
+    fed = pd.read_parquet(fed_path) if fed_path.exists() else pd.DataFrame(columns=FEED_COLUMNS)
+    return fed, set(pd.read_parquet(songs_path, columns=[TRACK_ID])[TRACK_ID]) | set(fed[TRACK_ID])
+
+# %% ../nbs/16_feed.ipynb #bc9d3f19
+def _write_fed(merged: pd.DataFrame, fed_path: Path, previous_path: Path):
+    "Keep the current fed tracks as the previous version (an empty one the first time), then write `merged`."
+    if fed_path.exists():
+        with atomic_path(previous_path) as tmp: tmp.write_bytes(fed_path.read_bytes())
+    elif not previous_path.exists():
+        with atomic_path(previous_path) as tmp: merged.iloc[:0].to_parquet(tmp, index=False)
+    with atomic_path(fed_path) as tmp: merged.to_parquet(tmp, index=False)
+
+# %% ../nbs/16_feed.ipynb #50118855
 def run_feed(params: dict,  # the feed section of params.yaml
              settings: SpotifySettings | None = None,
              client=None,  # a spotipy client (default: `app_client(settings)`)
@@ -98,8 +113,7 @@ def run_feed(params: dict,  # the feed section of params.yaml
     "Search, feature, merge and write the fed tracks; returns (and writes) the report with `retrain`."
     t0 = time.time()
     fed_path, previous_path = Path(fed_path), Path(previous_path)
-    fed = pd.read_parquet(fed_path) if fed_path.exists() else pd.DataFrame(columns=FEED_COLUMNS)
-    known = set(pd.read_parquet(songs_path, columns=[TRACK_ID])[TRACK_ID]) | set(fed[TRACK_ID])
+    fed, known = _fed_so_far(fed_path, songs_path)
     report = {"catalogue_before": len(known), "added": 0, "growth": 0.0, "threshold": params["retrain_threshold"], "retrain": False}
     settings = settings or SpotifySettings.from_env()
     try:
@@ -108,22 +122,15 @@ def run_feed(params: dict,  # the feed section of params.yaml
         found, searched = search_new_tracks(client, params["genres"], Budget(params["request_budget"]), caller,
                                             params["page_size"], params["pages_per_genre"])
         # no catalogue in the chain: only tracks the catalogue does not have are asked for
-        chain = FeatureChain(None, params.get("provider_url"), spotify=client, caller=caller)
-        merged, merge_report = merge_fed(known, fed, found, chain)
+        merged, merge_report = merge_fed(known, fed, found, FeatureChain(None, params.get("provider_url"), spotify=client, caller=caller))
         report.update(searched, **merge_report, status="fed")
     except NotConfigured as e:
         report.update(status="skipped", reason=str(e)); merged = fed
     except SpotifyError as e:  # a failed run changes nothing; the report says why
         report.update(status="failed", reason=str(e)); merged = fed
-    report["retrain"] = bool(report["growth"] > params["retrain_threshold"])
-    report["catalogue_after"] = report["catalogue_before"] + report["added"]
-    report["seconds"] = round(time.time() - t0, 2)
-    if report["added"] or not fed_path.exists():
-        if fed_path.exists():
-            with atomic_path(previous_path) as tmp: tmp.write_bytes(fed_path.read_bytes())
-        elif not previous_path.exists():
-            with atomic_path(previous_path) as tmp: merged.iloc[:0].to_parquet(tmp, index=False)
-        with atomic_path(fed_path) as tmp: merged.to_parquet(tmp, index=False)
+    report.update(retrain=bool(report["growth"] > params["retrain_threshold"]), catalogue_after=report["catalogue_before"] + report["added"],
+                  seconds=round(time.time() - t0, 2))
+    if report["added"] or not fed_path.exists(): _write_fed(merged, fed_path, previous_path)
     write_json(report, metrics_path)
     return report
 

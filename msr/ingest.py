@@ -36,6 +36,29 @@ class IngestError(Exception):
 class SourceUnreachable(IngestError):
     "The source's host could not be reached (network down, DNS failure, timeout)."
 
+# %% ../nbs/01_ingest.ipynb #9c8164a5
+def _declared_size(r: requests.Response, shown: str, max_bytes: int) -> int:
+    "The size the answer declares (0: unknown), or `IngestError` for an HTTP error or too large a body."
+    if r.status_code >= 400:
+        raise IngestError(f"HTTP {r.status_code} {r.reason} from {shown}")
+    size = int(r.headers.get("Content-Length") or 0)
+    if size > max_bytes:
+        raise IngestError(f"{shown} is {size:,} bytes, more than ingest.max_bytes={max_bytes:,}")
+    return size
+
+# %% ../nbs/01_ingest.ipynb #c4839b55
+def _stream(r: requests.Response, dest: Path, shown: str, size: int, max_bytes: int, progress: bool) -> int:
+    "Write the body of `r` into `dest` under a tqdm bar, refusing it past `max_bytes`; return the bytes written."
+    n = 0
+    with open(dest, "wb") as f, tqdm(total=size or None, unit="B", unit_scale=True,
+                                      desc="download", disable=not progress) as bar:
+        for chunk in r.iter_content(chunk_size=1 << 16):
+            n += len(chunk)
+            if n > max_bytes: raise IngestError(f"{shown} sent more than ingest.max_bytes={max_bytes:,} bytes")
+            f.write(chunk)
+            bar.update(len(chunk))
+    return n
+
 # %% ../nbs/01_ingest.ipynb #699e12c1
 def download(url: str,  # http(s) URL, environment variables already expanded
              dest: Path,  # file to write the body to
@@ -48,19 +71,8 @@ def download(url: str,  # http(s) URL, environment variables already expanded
     "Stream `url` into `dest`; return the number of bytes written."
     try:
         with requests.get(url, stream=True, timeout=timeout) as r:
-            if r.status_code >= 400:
-                raise IngestError(f"HTTP {r.status_code} {r.reason} from {shown}")
-            size = int(r.headers.get("Content-Length") or 0)
-            if size > max_bytes:
-                raise IngestError(f"{shown} is {size:,} bytes, more than ingest.max_bytes={max_bytes:,}")
-            n = 0
-            with open(dest, "wb") as f, tqdm(total=size or None, unit="B", unit_scale=True,
-                                              desc="download", disable=not progress) as bar:
-                for chunk in r.iter_content(chunk_size=1 << 16):
-                    n += len(chunk)
-                    if n > max_bytes: raise IngestError(f"{shown} sent more than ingest.max_bytes={max_bytes:,} bytes")
-                    f.write(chunk)
-                    bar.update(len(chunk))
+            size = _declared_size(r, shown, max_bytes)
+            n = _stream(r, dest, shown, size, max_bytes, progress)
     except requests.exceptions.Timeout:
         raise SourceUnreachable(f"timed out after {timeout}s fetching {shown}") from None
     except requests.exceptions.ConnectionError:
@@ -79,6 +91,42 @@ def _unsafe_name(name: str) -> bool:
     p = PurePosixPath(name.replace("\\", "/"))
     return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
 
+# %% ../nbs/01_ingest.ipynb #781af44d
+def _pick_member(zf: zipfile.ZipFile, member: str, shown: str) -> zipfile.ZipInfo:
+    "The archive's `member` (else its only csv), or `IngestError` if a member name is unsafe or none fits."
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    bad = [i.filename for i in infos if _unsafe_name(i.filename)]
+    if bad: raise IngestError(f"refusing {shown}: unsafe member path {bad[0]!r} (path traversal)")
+    named = [i for i in infos if PurePosixPath(i.filename).name == member]
+    csvs = [i for i in infos if i.filename.lower().endswith(".csv")]
+    if named: return named[0]
+    if len(csvs) == 1: return csvs[0]
+    raise IngestError(f"{shown} has no member named {member!r} "
+                      f"(members: {', '.join(i.filename for i in infos[:10]) or 'none'})")
+
+# %% ../nbs/01_ingest.ipynb #bdb1ad92
+def _check_declared(info: zipfile.ZipInfo, shown: str, max_bytes: int, max_ratio: float) -> None:
+    "Refuse a member whose header declares more than `max_bytes`, or a compression ratio above `max_ratio`."
+    if info.file_size > max_bytes:
+        raise IngestError(f"refusing {shown}: {info.filename} would unpack to {info.file_size:,} bytes, "
+                          f"more than ingest.max_bytes={max_bytes:,} (archive bomb?)")
+    if info.compress_size and info.file_size / info.compress_size > max_ratio:
+        raise IngestError(f"refusing {shown}: {info.filename} compresses {info.file_size / info.compress_size:.0f}:1, "
+                          f"more than {max_ratio:.0f}:1 (archive bomb?)")
+
+# %% ../nbs/01_ingest.ipynb #866fec8f
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, shown: str, max_bytes: int) -> int:
+    "Stream the member `info` into `dest`, refusing it once past `max_bytes`; return the bytes written."
+    n = 0
+    with zf.open(info) as src, open(dest, "wb") as out:
+        while chunk := src.read(1 << 16):
+            n += len(chunk)
+            if n > max_bytes: raise IngestError(f"refusing {shown}: {info.filename} unpacks past "
+                                                f"ingest.max_bytes={max_bytes:,} (archive bomb?)")
+            out.write(chunk)
+    return n
+
+# %% ../nbs/01_ingest.ipynb #e557884d
 def extract_member(archive: Path,  # a zip file
                    dest: Path,  # where the member's bytes go
                    member: str,  # file name to take from the archive
@@ -91,29 +139,9 @@ def extract_member(archive: Path,  # a zip file
     shown = shown or str(archive)
     try:
         with zipfile.ZipFile(archive) as zf:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
-            bad = [i.filename for i in infos if _unsafe_name(i.filename)]
-            if bad: raise IngestError(f"refusing {shown}: unsafe member path {bad[0]!r} (path traversal)")
-            named = [i for i in infos if PurePosixPath(i.filename).name == member]
-            csvs = [i for i in infos if i.filename.lower().endswith(".csv")]
-            if named: info = named[0]
-            elif len(csvs) == 1: info = csvs[0]
-            else: raise IngestError(f"{shown} has no member named {member!r} "
-                                    f"(members: {', '.join(i.filename for i in infos[:10]) or 'none'})")
-            if info.file_size > max_bytes:
-                raise IngestError(f"refusing {shown}: {info.filename} would unpack to {info.file_size:,} bytes, "
-                                  f"more than ingest.max_bytes={max_bytes:,} (archive bomb?)")
-            if info.compress_size and info.file_size / info.compress_size > max_ratio:
-                raise IngestError(f"refusing {shown}: {info.filename} compresses {info.file_size / info.compress_size:.0f}:1, "
-                                  f"more than {max_ratio:.0f}:1 (archive bomb?)")
-            n = 0
-            with zf.open(info) as src, open(dest, "wb") as out:
-                while chunk := src.read(1 << 16):
-                    n += len(chunk)
-                    if n > max_bytes: raise IngestError(f"refusing {shown}: {info.filename} unpacks past "
-                                                        f"ingest.max_bytes={max_bytes:,} (archive bomb?)")
-                    out.write(chunk)
-            return n
+            info = _pick_member(zf, member, shown)
+            _check_declared(info, shown, max_bytes, max_ratio)
+            return _copy_member(zf, info, dest, shown, max_bytes)
     except zipfile.BadZipFile as e:
         raise IngestError(f"{shown} is a corrupt zip archive ({e})") from None
     except (zipfile.LargeZipFile, NotImplementedError, EOFError) as e:
@@ -123,6 +151,7 @@ def extract_member(archive: Path,  # a zip file
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f: return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
 
+# %% ../nbs/01_ingest.ipynb #e982a779
 def _check_csv(path: Path, shown: str) -> int:
     "Return the number of data rows; raise `IngestError` if `path` is not a usable CSV."
     if path.stat().st_size == 0: raise IngestError(f"{shown} is empty")
@@ -135,12 +164,29 @@ def _check_csv(path: Path, shown: str) -> int:
     if lines < 1: raise IngestError(f"{shown} has a header but no rows")
     return lines - 1
 
+# %% ../nbs/01_ingest.ipynb #525ce438
 def sha256sum(path: Path) -> str:
     "Hex sha256 of a file."
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
+
+# %% ../nbs/01_ingest.ipynb #1110da25
+def _pinned_digest(csv: Path, shown: str, sha256: str) -> str:
+    "The sha256 of `csv`, or `IngestError` if it is not the expected `sha256` (empty: no check)."
+    digest = sha256sum(csv)
+    if sha256 and digest != sha256.lower():
+        raise IngestError(f"{shown} has sha256 {digest}, expected ingest.sha256={sha256}")
+    return digest
+
+# %% ../nbs/01_ingest.ipynb #d9020595
+def _accepted(csv: Path, shown: str, dest: Path, accept: Callable[[Path], object] | None) -> None:
+    "Run the caller's own check of the new CSV; its refusal becomes an `IngestError` saying `dest` is unchanged."
+    if accept is None: return
+    try: accept(csv)
+    except Exception as e:
+        raise IngestError(f"{shown} was not taken, {dest} is unchanged: {e}") from None
 
 # %% ../nbs/01_ingest.ipynb #b09e286f
 def _local_path(source: str) -> Path | None:
@@ -152,6 +198,34 @@ def _local_path(source: str) -> Path | None:
                           "(use an http(s) URL, a file path or a file:// URL)")
     return Path(source)
 
+# %% ../nbs/01_ingest.ipynb #2bbfe9ff
+def _body(resolved: str, shown: str, work: Path, *, timeout: float, max_bytes: int, progress: bool) -> Path:
+    "The source's bytes as a file: downloaded into `work`, or the local file itself; never empty."
+    local = _local_path(resolved)
+    if local is None:
+        body = work / "download"
+        download(resolved, body, shown, timeout=timeout, max_bytes=max_bytes, progress=progress)
+    else:
+        if not local.exists(): raise IngestError(f"source not found: {shown}")
+        if not local.is_file(): raise IngestError(f"source is not a file: {shown}")
+        body = local
+    if body.stat().st_size == 0: raise IngestError(f"{shown} is empty")
+    return body
+
+# %% ../nbs/01_ingest.ipynb #a2429725
+def _unpacked(body: Path, resolved: str, shown: str, work: Path, *, member: str, max_bytes: int, max_ratio: float) -> Path:
+    "The CSV in `body`: its member unpacked into `work` if it is a zip, else `body` itself (within `max_bytes`)."
+    if _is_zip(body):
+        csv = work / "member.csv"
+        extract_member(body, csv, member, max_bytes=max_bytes, max_ratio=max_ratio, shown=shown)
+        return csv
+    if str(urlsplit(resolved).path).lower().endswith(".zip"):
+        raise IngestError(f"{shown} is named .zip but is not a zip archive")
+    if body.stat().st_size > max_bytes:
+        raise IngestError(f"{shown} is larger than ingest.max_bytes={max_bytes:,}")
+    return body
+
+# %% ../nbs/01_ingest.ipynb #ec7c7234
 def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv; ${VARS} expand from the environment
           dest: str | Path = RAW_CSV,  # the CSV to (re)write
           *,  # member, timeout, max_bytes, max_ratio and sha256 are params.yaml's ingest section
@@ -165,38 +239,15 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
          ) -> dict:
     "Fetch `source` into `dest` (a CSV) atomically; return what was fetched."
     if not str(source).strip(): raise IngestError("ingest.source is empty: give a URL, a path or a file:// URL")
-    shown = redact_url(source)
-    resolved = os.path.expandvars(str(source))
-    dest = Path(dest)
+    shown, resolved, dest = redact_url(source), os.path.expandvars(str(source)), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".ingest-", dir=dest.parent))
     try:
-        local = _local_path(resolved)
-        if local is None:
-            body = work / "download"
-            download(resolved, body, shown, timeout=timeout, max_bytes=max_bytes, progress=progress)
-        else:
-            if not local.exists(): raise IngestError(f"source not found: {shown}")
-            if not local.is_file(): raise IngestError(f"source is not a file: {shown}")
-            body = local
-        if body.stat().st_size == 0: raise IngestError(f"{shown} is empty")
-        if _is_zip(body):
-            csv = work / "member.csv"
-            extract_member(body, csv, member, max_bytes=max_bytes, max_ratio=max_ratio, shown=shown)
-        elif str(urlsplit(resolved).path).lower().endswith(".zip"):
-            raise IngestError(f"{shown} is named .zip but is not a zip archive")
-        else:
-            if body.stat().st_size > max_bytes:
-                raise IngestError(f"{shown} is larger than ingest.max_bytes={max_bytes:,}")
-            csv = body
+        body = _body(resolved, shown, work, timeout=timeout, max_bytes=max_bytes, progress=progress)
+        csv = _unpacked(body, resolved, shown, work, member=member, max_bytes=max_bytes, max_ratio=max_ratio)
         rows = _check_csv(csv, shown)
-        digest = sha256sum(csv)
-        if sha256 and digest != sha256.lower():
-            raise IngestError(f"{shown} has sha256 {digest}, expected ingest.sha256={sha256}")
-        if accept is not None:
-            try: accept(csv)
-            except Exception as e:
-                raise IngestError(f"{shown} was not taken, {dest} is unchanged: {e}") from None
+        digest = _pinned_digest(csv, shown, sha256)
+        _accepted(csv, shown, dest, accept)
         with atomic_path(dest) as tmp:
             shutil.copyfile(csv, tmp)
         return {"source": shown, "rows": rows, "bytes": dest.stat().st_size, "sha256": digest}

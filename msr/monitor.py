@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['DEFAULT_MONITOR_DB', 'monitor_path', 'MonitorLog', 'AudioProfile', 'artist_diversity', 'summarize_served',
@@ -45,6 +46,12 @@ create table if not exists served (
     seconds real                 -- time to answer
 )"""
 
+# %% ../nbs/12_monitor.ipynb #7602c4ae
+def _num(x) -> float | None:
+    "A finite float, or None (SQLite NULL)."
+    return None if x is None or not np.isfinite(x) else float(x)
+
+# %% ../nbs/12_monitor.ipynb #4c16940e
 class MonitorLog:
     "Append-only log of served recommendations in one SQLite file."
     def __init__(self, path: str | Path,  # the SQLite file (created with its folder)
@@ -57,45 +64,58 @@ class MonitorLog:
             con.execute("pragma journal_mode=wal")
             con.execute(_SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=self.timeout)
+# %% ../nbs/12_monitor.ipynb #1329bfcb
+@patch
+def _connect(self: MonitorLog) -> sqlite3.Connection:
+    return sqlite3.connect(self.path, timeout=self.timeout)
 
-    def _writer(self) -> sqlite3.Connection:
-        "This thread's writing connection: WAL with synchronous=normal, durable across crashes of the process, a few ms cheaper per answer."
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = self._local.con = self._connect()
-            con.execute("pragma synchronous=normal")
-        return con
+# %% ../nbs/12_monitor.ipynb #b3cb2af4
+@patch
+def _writer(self: MonitorLog) -> sqlite3.Connection:
+    "This thread's writing connection: WAL with synchronous=normal, durable across crashes of the process, a few ms cheaper per answer."
+    con = getattr(self._local, "con", None)
+    if con is None:
+        con = self._local.con = self._connect()
+        con.execute("pragma synchronous=normal")
+    return con
 
-    def record(self, source: str, model: str, seeds: list, results: list, k: int,
-               genre: str | None = None, similarity: float | None = None,
-               diversity: float | None = None, seconds: float | None = None) -> None:
-        "Append one served answer."
-        row = (time.time(), source, model, genre, int(k), json.dumps(list(seeds)), json.dumps(list(results)),
-               _num(similarity), _num(diversity), _num(seconds))
-        with self._writer() as con:  # commits, or rolls back on error
-            con.execute("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds) "
-                        "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+# %% ../nbs/12_monitor.ipynb #807b5b97
+@patch
+def record(self: MonitorLog, source: str, model: str, seeds: list, results: list, k: int,
+           genre: str | None = None, similarity: float | None = None,
+           diversity: float | None = None, seconds: float | None = None) -> None:
+    "Append one served answer."
+    row = (time.time(), source, model, genre, int(k), json.dumps(list(seeds)), json.dumps(list(results)),
+           _num(similarity), _num(diversity), _num(seconds))
+    with self._writer() as con:  # commits, or rolls back on error
+        con.execute("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds) "
+                    "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
-    def frame(self, limit: int | None = None,  # only the latest `limit` rows
-             ) -> pd.DataFrame:
-        "The log as a DataFrame, oldest first, with `time` as timestamps and seeds/results as lists."
-        sql = "select * from served order by id" if limit is None else \
-              f"select * from (select * from served order by id desc limit {int(limit)}) order by id"
-        with closing(self._connect()) as con:
-            df = pd.read_sql_query(sql, con)
-        df["time"] = pd.to_datetime(df["ts"], unit="s", utc=True)
-        for col in ("seeds", "results"): df[col] = df[col].map(json.loads)
-        return df
+# %% ../nbs/12_monitor.ipynb #d16d25e0
+@patch
+def frame(self: MonitorLog, limit: int | None = None,  # only the latest `limit` rows
+         ) -> pd.DataFrame:
+    "The log as a DataFrame, oldest first, with `time` as timestamps and seeds/results as lists."
+    sql = "select * from served order by id" if limit is None else \
+          f"select * from (select * from served order by id desc limit {int(limit)}) order by id"
+    with closing(self._connect()) as con:
+        df = pd.read_sql_query(sql, con)
+    df["time"] = pd.to_datetime(df["ts"], unit="s", utc=True)
+    for col in ("seeds", "results"): df[col] = df[col].map(json.loads)
+    return df
 
-    def __len__(self) -> int:
-        with closing(self._connect()) as con:
-            return con.execute("select count(*) from served").fetchone()[0]
+# %% ../nbs/12_monitor.ipynb #46108264
+@patch
+def __len__(self: MonitorLog) -> int:
+    with closing(self._connect()) as con:
+        return con.execute("select count(*) from served").fetchone()[0]
 
-def _num(x) -> float | None:
-    "A finite float, or None (SQLite NULL)."
-    return None if x is None or not np.isfinite(x) else float(x)
+# %% ../nbs/12_monitor.ipynb #345859d7
+def _cosine(c: np.ndarray, R: np.ndarray) -> float:
+    "Mean cosine similarity of the rows of `R` to `c` (NaN if `R` has none)."
+    if not len(R): return float("nan")
+    norms = np.linalg.norm(R, axis=1) * np.linalg.norm(c)
+    return float(np.mean(R @ c / np.where(norms > 0, norms, 1.0)))
 
 # %% ../nbs/12_monitor.ipynb #a2f07c4b
 class AudioProfile:
@@ -109,28 +129,29 @@ class AudioProfile:
         self.index = dict(zip(tracks["track_id"], range(len(tracks))))  # plain dict: cheaper than pandas per answer
         self.Z = ((X - self.mean) / self.scale).astype(np.float32)
 
-    def rows(self, track_ids) -> np.ndarray:
-        "Standardised features of the known `track_ids` (unknown ones are left out)."
-        pos = [self.index[t] for t in track_ids if t in self.index]
-        return self.Z[np.array(pos, dtype=np.int64)]
+# %% ../nbs/12_monitor.ipynb #2f6a5095
+@patch
+def rows(self: AudioProfile, track_ids) -> np.ndarray:
+    "Standardised features of the known `track_ids` (unknown ones are left out)."
+    pos = [self.index[t] for t in track_ids if t in self.index]
+    return self.Z[np.array(pos, dtype=np.int64)]
 
-    def similarity(self, seeds, results) -> float:
-        "Mean cosine similarity of the results to the seeds' mean profile (NaN if either is unknown)."
-        S = self.rows(seeds)
-        return self._cosine(S.mean(0), self.rows(results)) if len(S) else float("nan")
+# %% ../nbs/12_monitor.ipynb #0a95cf87
+@patch
+def similarity(self: AudioProfile, seeds, results) -> float:
+    "Mean cosine similarity of the results to the seeds' mean profile (NaN if either is unknown)."
+    S = self.rows(seeds)
+    return _cosine(S.mean(0), self.rows(results)) if len(S) else float("nan")
 
-    def similarity_to(self, profile: dict,  # feature -> the seeds' raw mean value (e.g. from `Seeds.audio_profile`)
-                      results) -> float:
-        "Mean cosine similarity of the results to a playlist's raw audio profile (for seeds the catalogue does not hold)."
-        x = np.array([profile[f] for f in self.features], dtype=np.float64)
-        return self._cosine((x - self.mean) / self.scale, self.rows(results))
+# %% ../nbs/12_monitor.ipynb #21cabc85
+@patch
+def similarity_to(self: AudioProfile, profile: dict,  # feature -> the seeds' raw mean value (e.g. from `Seeds.audio_profile`)
+                  results) -> float:
+    "Mean cosine similarity of the results to a playlist's raw audio profile (for seeds the catalogue does not hold)."
+    x = np.array([profile[f] for f in self.features], dtype=np.float64)
+    return _cosine((x - self.mean) / self.scale, self.rows(results))
 
-    @staticmethod
-    def _cosine(c: np.ndarray, R: np.ndarray) -> float:
-        if not len(R): return float("nan")
-        norms = np.linalg.norm(R, axis=1) * np.linalg.norm(c)
-        return float(np.mean(R @ c / np.where(norms > 0, norms, 1.0)))
-
+# %% ../nbs/12_monitor.ipynb #c878d053
 def artist_diversity(artists) -> float:
     "Share of distinct artists in a list (1.0: every track by another artist)."
     artists = list(artists)
@@ -157,6 +178,24 @@ def summarize_served(df: pd.DataFrame,  # `MonitorLog.frame()`
             "per_genre": {g: {k: _num(v) if k != "answers" else int(v) for k, v in r.items()} for g, r in per_genre.iterrows()},
             "models": sorted(df["model"].unique().tolist())}
 
+# %% ../nbs/12_monitor.ipynb #b699eacf
+def _trend(ax, df: pd.DataFrame, window: int, threshold: float) -> None:
+    "Each answer's similarity, its rolling mean over `window` answers and the alert threshold."
+    n = np.arange(1, len(df) + 1)
+    ax.plot(n, df["similarity"], ".", alpha=0.35, label="each answer")
+    ax.plot(n, df["similarity"].rolling(window, min_periods=1).mean(), lw=2, label=f"rolling mean ({window})")
+    ax.axhline(threshold, color="tab:red", ls="--", label=f"alert threshold ({threshold})")
+    ax.set(xlabel="answer #", ylabel="cosine similarity to the playlist", title="Similarity of served recommendations")
+    ax.legend(loc="lower left", fontsize=8)
+
+def _genre_bars(bx, df: pd.DataFrame, threshold: float) -> None:
+    "The mean similarity per genre (no genre: 'unknown'), lowest first, against the threshold."
+    g = df.assign(genre=df["genre"].fillna("unknown")).groupby("genre")["similarity"].mean().sort_values()
+    bx.barh(g.index, g.values, color="tab:blue")
+    bx.axvline(threshold, color="tab:red", ls="--")
+    bx.set(xlabel="mean similarity", title="Per genre")
+
+# %% ../nbs/12_monitor.ipynb #9be366cc
 def plot_served(df: pd.DataFrame, window: int = 50, threshold: float = 0.3):
     "The similarity trend with its rolling mean and alert threshold, and the mean similarity per genre."
     import matplotlib.pyplot as plt
@@ -164,15 +203,7 @@ def plot_served(df: pd.DataFrame, window: int = 50, threshold: float = 0.3):
     if df.empty:
         for a in (ax, bx): a.text(0.5, 0.5, "nothing served yet", ha="center", va="center"); a.set_axis_off()
         return fig
-    n = np.arange(1, len(df) + 1)
-    ax.plot(n, df["similarity"], ".", alpha=0.35, label="each answer")
-    ax.plot(n, df["similarity"].rolling(window, min_periods=1).mean(), lw=2, label=f"rolling mean ({window})")
-    ax.axhline(threshold, color="tab:red", ls="--", label=f"alert threshold ({threshold})")
-    ax.set(xlabel="answer #", ylabel="cosine similarity to the playlist", title="Similarity of served recommendations")
-    ax.legend(loc="lower left", fontsize=8)
-    g = df.assign(genre=df["genre"].fillna("unknown")).groupby("genre")["similarity"].mean().sort_values()
-    bx.barh(g.index, g.values, color="tab:blue")
-    bx.axvline(threshold, color="tab:red", ls="--")
-    bx.set(xlabel="mean similarity", title="Per genre")
+    _trend(ax, df, window, threshold)
+    _genre_bars(bx, df, threshold)
     fig.tight_layout()
     return fig

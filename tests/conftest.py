@@ -1,8 +1,6 @@
 """Shared fixtures: the real songs archive, a sample of it, a local HTTP server and a throwaway project copy."""
 from __future__ import annotations
 
-import functools
-import io
 import os
 import shutil
 import subprocess
@@ -27,8 +25,10 @@ def songs_csv(tmp_path_factory) -> Path:
     if SHARED_ZIP.exists():
         with zipfile.ZipFile(SHARED_ZIP) as zf: dest.write_bytes(zf.read("spotify_songs.csv"))
         return dest
+    from msr.core import load_params
     from msr.ingest import IngestError, PUBLIC_URL, fetch
-    try: fetch(PUBLIC_URL, dest, progress=False, timeout=20)
+    limits = {k: v for k, v in load_params(ROOT / "params.yaml", "ingest").items() if k in ("member", "max_bytes", "max_ratio", "sha256")}
+    try: fetch(PUBLIC_URL, dest, **limits, progress=False, timeout=20)
     except IngestError as e: pytest.skip(f"the real archive is not at {SHARED_ZIP} and could not be downloaded: {e}")
     return dest
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 import sqlite3
 import urllib.error
 import urllib.request

@@ -5,11 +5,9 @@ import hashlib
 import json
 import re
 import sqlite3
-import zipfile
 
 import nbformat
 import pandas as pd
-import pytest
 
 from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, serve as serve_fake, track as fake_track
 from msr.core import AUDIO_FEATURES

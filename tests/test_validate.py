@@ -1,8 +1,6 @@
 """Validation on the real archive and on real rows broken in each way the schema must catch."""
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from conftest import sample_rows
