@@ -5,7 +5,6 @@
 # %% ../nbs/13a_registry.ipynb #4e98812c
 from __future__ import annotations
 
-import os
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 from pathlib import Path
@@ -23,7 +22,7 @@ from .monitor import MonitorLog, monitor_path
 from .recommend import MODEL_FORMAT
 from .seeds import RECORD_FIELDS
 from .serve import CARD_COLUMNS, MAX_QUERIES, RESULT_COLUMNS, BadRequest, Service, Unavailable
-from .tracking import setup_mlflow
+from .tracking import setup_mlflow, stage_run
 
 # %% auto #0
 __all__ = ['MODEL_NAME', 'CHAMPION', 'CHALLENGER', 'OUTPUT_COLUMNS', 'REQUIREMENTS', 'EXAMPLE_RECORD', 'signature', 'MsrModel',
@@ -170,7 +169,7 @@ def register(*,  # metric, setting and min_gain are params.yaml's register secti
              tracks_path: str | Path = TRACKS,  # the catalogue
              evaluation_path: str | Path = METRICS_DIR / "recommend.json",  # the evaluate stage's metrics
              name: str = MODEL_NAME,  # the registered model's name
-             run_id: str | None = None,  # log into this MLflow run (default: MSR_STAGE_RUN, else a new run)
+             run_id: str | None = None,  # log into this MLflow run (default: msr-stage's run of the stage, else a new run)
             ) -> dict:
     "Log and register the model; move the champion alias to it only if it beats the champion. Returns the decision."
     evaluation = read_json(evaluation_path)
@@ -178,7 +177,7 @@ def register(*,  # metric, setting and min_gain are params.yaml's register secti
     except (KeyError, TypeError): raise KeyError(f"{evaluation_path} has no msr/{setting}/{metric} score: run the evaluate stage with the msr model") from None
     experiment = setup_mlflow()
     client = mlflow.MlflowClient()
-    with mlflow.start_run(run_id=run_id or os.environ.get("MSR_STAGE_RUN"), experiment_id=experiment) as run:
+    with mlflow.start_run(run_id=run_id or stage_run(), experiment_id=experiment) as run:
         new = log_version(model_path, pd.read_parquet(tracks_path), name,
                           {"msr_version": msr.__version__, "evaluation": {f"{setting}.{metric}": score}})
         p = promotion(client, name, score, f"test.{setting}.{metric}", min_gain, split)

@@ -5,16 +5,19 @@
 # %% ../nbs/09_stage.ipynb #89d51754
 from __future__ import annotations
 
-import os
+import gc
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import yaml
 from fastcore.script import Param, call_parse, store_true
+from fastcore.xtras import modified_env
 
-from .core import OUTPUTS, read_json
-from .tracking import git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, setup_mlflow
+from .core import OUTPUTS, atomic_path, read_json
+from .tracking import STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, setup_mlflow
 
 # %% auto #0
 __all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'run_stage', 'main']
@@ -50,46 +53,75 @@ STAGE_NOTEBOOKS = Path("nbs/stages")
 class StageFailed(RuntimeError):
     "A stage notebook raised; the message names the stage, the error and the report to read."
 
+def _papermill():
+    "papermill, imported without `rfc3987_syntax` (its `iri` format checker costs jsonschema 0.8 s at import; nbformat never uses it)."
+    sys.modules.setdefault("rfc3987_syntax", None)  # jsonschema then leaves the `iri` formats unchecked
+    import papermill
+    return papermill
+
+class _StageRuns:
+    "The stage's MLflow run under its pipeline run, opened on a thread while the notebook runs."
+    def __init__(self, stage: str, src: Path, params: dict, run_file: Path):
+        self.stage, self.src, self.params, self.run_file = stage, src, params, run_file
+        self.client = self.run_id = self.parent = self.error = None
+        self.thread = threading.Thread(target=self._open, name="msr-stage-tracking", daemon=True)
+        self.thread.start()
+
+    def _open(self):
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+            exp = setup_mlflow()
+            self.client = MlflowClient()
+            self.parent = parent_run(self.client, exp, pipeline_key())
+            self.run_id = self.client.create_run(exp, run_name=self.stage, tags={
+                "mlflow.parentRunId": self.parent, "msr.stage": self.stage, "msr.kind": "stage",
+                "mlflow.source.git.commit": git_commit(), "mlflow.source.name": str(self.src)}).info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in loggable_params(self.params).items()])
+        except Exception as e: self.error = e
+        finally:  # the kernel may be waiting for the run id (register logs into its stage's run); "" says there is none
+            with atomic_path(self.run_file) as tmp: tmp.write_text(self.run_id or "")
+
+    def close(self, status: str, seconds: float, report: Path):
+        "Wait for the runs; log the stage's time, report and outputs; end both runs with `status`."
+        self.thread.join()
+        if self.error: raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {type(self.error).__name__}: {self.error}")
+        self.client.log_metric(self.run_id, "stage_seconds", seconds)
+        if report.exists(): self.client.log_artifact(self.run_id, str(report), "report")
+        if status == "FINISHED": _log_outputs(self.client, self.run_id, self.stage)
+        self.client.set_terminated(self.run_id, status)
+        self.client.set_terminated(self.parent, status)  # the pipeline run ends with its latest stage's status
+
 def run_stage(stage: str,  # a stage of dvc.yaml
               track: bool = True,  # log to MLflow
              ) -> Path:
     "Execute the stage's notebook into `outputs/<stage>.ipynb` (tracked in MLflow); return the report path."
-    import papermill as pm
     params = stage_params(stage)
     src, report = STAGE_NOTEBOOKS / f"{stage}.ipynb", OUTPUTS / f"{stage}.ipynb"
     if not src.exists(): raise FileNotFoundError(f"stage notebook not found: {src}")
     report.parent.mkdir(parents=True, exist_ok=True)
-    client = run_id = parent = None
-    if track:
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-        exp = setup_mlflow()
-        client = MlflowClient()
-        parent = parent_run(client, exp, pipeline_key())
-        run_id = client.create_run(exp, run_name=stage, tags={
-            "mlflow.parentRunId": parent, "msr.stage": stage, "msr.kind": "stage",
-            "mlflow.source.git.commit": git_commit(), "mlflow.source.name": str(src)}).info.run_id
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in loggable_params(params).items()])
-    t0, status, error = time.time(), "FINISHED", None
-    if run_id: os.environ["MSR_STAGE_RUN"] = run_id  # the stage's kernel may log into its own run (register does)
-    try:
-        pm.execute_notebook(str(src), str(report), parameters={"params": params}, progress_bar=False,
-                            log_output=False, report_mode=False, cwd=".",
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # quiet kernel start-up
-    except pm.PapermillExecutionError as e:
-        status = "FAILED"
-        error = StageFailed(f"stage {stage!r} failed: {e.ename}: {e.evalue} (see {report})")
-    except Exception as e:
-        status = "FAILED"
-        error = StageFailed(f"stage {stage!r} could not run: {type(e).__name__}: {e}")
-    finally:
-        os.environ.pop("MSR_STAGE_RUN", None)
-        if client is not None:
-            client.log_metric(run_id, "stage_seconds", time.time() - t0)
-            if report.exists(): client.log_artifact(run_id, str(report), "report")
-            if status == "FINISHED": _log_outputs(client, run_id, stage)
-            client.set_terminated(run_id, status)
-            client.set_terminated(parent, status)  # the pipeline run ends with its latest stage's status
+    pm = _papermill()
+    status, error = "FINISHED", None
+    with tempfile.TemporaryDirectory(prefix="msr-stage-") as tmp:
+        run_file = Path(tmp) / "run_id"
+        runs = _StageRuns(stage, src, params, run_file) if track else None
+        t0 = time.time()
+        try:
+            with modified_env(**({STAGE_RUN_FILE: str(run_file)} if track else {})):  # the kernel inherits it
+                pm.execute_notebook(str(src), str(report), parameters={"params": params}, progress_bar=False,
+                                    log_output=False, report_mode=False, cwd=".",
+                                    extra_arguments=["--IPKernelApp.log_level=ERROR"],  # quiet kernel start-up
+                                    shutdown_kernel="immediate")  # every cell is done: no graceful teardown to wait for
+        except pm.PapermillExecutionError as e:
+            status = "FAILED"
+            error = StageFailed(f"stage {stage!r} failed: {e.ename}: {e.evalue} (see {report})")
+        except Exception as e:
+            status = "FAILED"
+            error = StageFailed(f"stage {stage!r} could not run: {type(e).__name__}: {e}")
+        finally:
+            if runs is not None:
+                try: runs.close(status, time.time() - t0, report)
+                except StageFailed as e: error = error or e
     if error: raise error
     return report
 
@@ -112,9 +144,11 @@ def _metric(key, value):
 def main(stage: Param("stage name, as in dvc.yaml", str),
          no_track: Param("do not log to MLflow", store_true) = False):
     "Run one msr pipeline stage notebook with papermill (`msr-stage <stage> [--no_track]`)."
+    gc.disable()  # a short-lived process: no collections while MLflow and papermill import
     t0 = time.time()
     try: report = run_stage(stage, track=not no_track)
     except (StageFailed, FileNotFoundError, KeyError, ValueError) as e:
         print(f"msr-stage: {e}", file=sys.stderr)
         sys.exit(1)
+    finally: gc.freeze()  # nor at exit: the interpreter's last collection skips frozen objects
     print(f"msr-stage: {stage} done in {time.time() - t0:.1f}s, report {report}")

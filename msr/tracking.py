@@ -16,8 +16,9 @@ from pathlib import Path
 from .redact import redact_params
 
 # %% auto #0
-__all__ = ['DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'flatten', 'loggable_params', 'metric_key',
-           'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'pipeline_key', 'git_commit', 'parent_run']
+__all__ = ['DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'STAGE_RUN_FILE', 'flatten', 'loggable_params',
+           'metric_key', 'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'pipeline_key', 'git_commit', 'parent_run',
+           'stage_run']
 
 # %% ../nbs/09a_tracking.ipynb #ff1fb66d
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -90,3 +91,19 @@ def parent_run(client, experiment_id: str, key: str) -> str:
     name = "pipeline " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     return client.create_run(experiment_id, run_name=name, tags={"msr.pipeline": key, "msr.kind": "pipeline",
                                                                   "mlflow.source.git.commit": git_commit()}).info.run_id
+
+# %% ../nbs/09a_tracking.ipynb #3f4abf13
+STAGE_RUN_FILE = "MSR_STAGE_RUN_FILE"
+
+def stage_run(timeout: float = 600,  # seconds to wait for msr-stage to open the run
+             ) -> str | None:
+    "The MLflow run id of the stage `msr-stage` is running in this process's kernel; None outside `msr-stage`."
+    path = os.environ.get(STAGE_RUN_FILE)
+    if not path: return None
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline: raise TimeoutError(f"msr-stage did not open the stage's MLflow run within {timeout:.0f} s")
+        time.sleep(0.05)
+    run_id = Path(path).read_text().strip()
+    if not run_id: raise RuntimeError("msr-stage could not open the stage's MLflow run (its error follows the report)")
+    return run_id
