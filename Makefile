@@ -75,7 +75,12 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 # The registry's champion behind MLflow's scoring server (uvicorn, found through PATH: .venv/bin is on it).
+# The monitoring log's retention comes from params.yaml's monitor section (the workers do not read it).
+MONITOR_PARAM = $(BIN)/python -c "from msr.core import load_params; print(load_params(section='monitor')['$(1)'])"
+
 serve: setup
+	MSR_MONITOR_RETENTION_DAYS=$${MSR_MONITOR_RETENTION_DAYS:-$$($(call MONITOR_PARAM,retention_days))} \
+	MSR_MONITOR_MAX_ROWS=$${MSR_MONITOR_MAX_ROWS:-$$($(call MONITOR_PARAM,max_rows))} \
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve \
 	  -m models:/msr-recommender@champion --env-manager local -h $(HOST) -p $(SERVE_PORT) -w $(SERVE_WORKERS)
 

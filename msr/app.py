@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from IPython.display import display
 
 from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params, project_root
-from .monitor import MonitorLog, monitor_path, plot_served, summarize_served
+from .monitor import MonitorLog, open_monitor, plot_served, summarize_served
 from .seeds import normalize, release_year
 from .registry import CHAMPION, MODEL_NAME
 from .serve import Answer, BadRequest, Service
@@ -388,11 +388,10 @@ def from_project(cls: Dashboard, root: str | Path | None = None) -> Dashboard:
     os.chdir(project_root(root))
     for p in (TRACKS, PLAYLIST_TRACKS):
         if not p.exists(): raise FileNotFoundError(f"{p} not found: run `make run` first")
-    path = monitor_path()  # relative paths: under the project root, where we now are
-    monitor = MonitorLog(path) if path else None
-    params = load_params().get("monitor", {})
+    params = load_params(section="monitor")
+    monitor = open_monitor(params)  # relative paths: under the project root, where we now are
     return cls(load_service(monitor), pd.read_parquet(TRACKS), pd.read_parquet(PLAYLIST_TRACKS), monitor,
-               params.get("window", 50), params.get("alert_threshold", 0.3))
+               params["window"], params["alert_threshold"])
 
 # %% ../nbs/14_app.ipynb #1a9f3242
 @patch(cls_method=True)

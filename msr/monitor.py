@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -18,8 +20,8 @@ import pandas as pd
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_MONITOR_DB', 'monitor_path', 'MonitorLog', 'AudioProfile', 'artist_diversity', 'summarize_served',
-           'plot_served']
+__all__ = ['DEFAULT_MONITOR_DB', 'monitor_path', 'MonitorLog', 'open_monitor', 'AudioProfile', 'artist_diversity',
+           'summarize_served', 'plot_served']
 
 # %% ../nbs/12_monitor.ipynb #68f50051
 DEFAULT_MONITOR_DB = Path("data/monitor/served.sqlite")
@@ -51,45 +53,139 @@ def _num(x) -> float | None:
     "A finite float, or None (SQLite NULL)."
     return None if x is None or not np.isfinite(x) else float(x)
 
-# %% ../nbs/12_monitor.ipynb #4c16940e
+# %% ../nbs/12_monitor.ipynb #52e6adbb
+_logger = logging.getLogger(__name__)
+
 class MonitorLog:
-    "Append-only log of served recommendations in one SQLite file."
+    "Append-only log of served recommendations in one SQLite file, written best-effort by a background thread."
     def __init__(self, path: str | Path,  # the SQLite file (created with its folder)
-                 timeout: float = 10.0,  # seconds to wait for another writer
+                 timeout: float = 10.0,  # seconds the writer waits for another writer
+                 retention_days: float | None = None,  # prune rows older than this (None: keep)
+                 max_rows: int | None = None,  # keep at most this many rows, the latest (None: no cap)
+                 queue_size: int = 10_000,  # rows waiting to be written; beyond it new rows are dropped
                 ):
         self.path, self.timeout = Path(path), timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()  # one writing connection per thread, reused
-        with closing(self._connect()) as con, con:
-            con.execute("pragma journal_mode=wal")
-            con.execute(_SCHEMA)
+        self.retention_days, self.max_rows = retention_days, max_rows
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.written = self.dropped = 0
+        self.reason: str | None = None  # why the log is degraded; None while it works
+        self._con, self._ino, self._pruned = None, None, time.monotonic()  # the writer prunes once a minute
+        self._lock = threading.Lock()  # the writer's connection, between the thread and flush/close
+        self._thread: threading.Thread | None = None
+        with self._lock: self._open_or_fail()
 
-# %% ../nbs/12_monitor.ipynb #1329bfcb
+# %% ../nbs/12_monitor.ipynb #4ab36b07
 @patch
 def _connect(self: MonitorLog) -> sqlite3.Connection:
-    return sqlite3.connect(self.path, timeout=self.timeout)
+    return sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False)
 
-# %% ../nbs/12_monitor.ipynb #b3cb2af4
+# %% ../nbs/12_monitor.ipynb #82502fce
 @patch
 def _writer(self: MonitorLog) -> sqlite3.Connection:
-    "This thread's writing connection: WAL with synchronous=normal, durable across crashes of the process, a few ms cheaper per answer."
-    con = getattr(self._local, "con", None)
-    if con is None:
-        con = self._local.con = self._connect()
+    "The writer's connection to the file now at `path`: (re)opened, with its folder and table, when needed."
+    try: ino = os.stat(self.path).st_ino
+    except FileNotFoundError: ino = None
+    if self._con is not None and ino is not None and ino == self._ino: return self._con
+    self._close()
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    con = self._connect()
+    try:
+        con.execute("pragma journal_mode=wal")
         con.execute("pragma synchronous=normal")
+        with con: con.execute(_SCHEMA)
+    except Exception: con.close(); raise
+    self._con, self._ino = con, os.stat(self.path).st_ino
     return con
 
-# %% ../nbs/12_monitor.ipynb #807b5b97
+@patch
+def _close(self: MonitorLog):
+    if self._con is not None:
+        try: self._con.close()
+        except sqlite3.Error: pass
+    self._con = self._ino = None
+
+@patch
+def _open_or_fail(self: MonitorLog) -> bool:
+    "Open the writer's connection; on failure say why (degraded) instead of raising."
+    try: self._writer()
+    except (sqlite3.Error, OSError) as e: self._degrade(e); return False
+    return True
+
+# %% ../nbs/12_monitor.ipynb #fc3a015c
+@patch
+def _degrade(self: MonitorLog, e: BaseException):
+    reason = f"{type(e).__name__}: {e}"
+    if reason != self.reason: _logger.warning("monitoring log %s degraded, answers go on without it: %s", self.path, reason)
+    self.reason = reason
+    self._close()
+
+@patch
+def health(self: MonitorLog) -> dict:
+    "The log's state for a health endpoint: ok or degraded (with the reason), rows written, dropped and waiting."
+    return {"state": "degraded" if self.reason else "ok", "reason": self.reason, "path": str(self.path),
+            "written": self.written, "dropped": self.dropped, "queued": self.queue.qsize()}
+
+# %% ../nbs/12_monitor.ipynb #16712cdb
 @patch
 def record(self: MonitorLog, source: str, model: str, seeds: list, results: list, k: int,
            genre: str | None = None, similarity: float | None = None,
            diversity: float | None = None, seconds: float | None = None) -> None:
-    "Append one served answer."
+    "Queue one served answer for the writer (dropped, and counted, if the queue is full)."
     row = (time.time(), source, model, genre, int(k), json.dumps(list(seeds)), json.dumps(list(results)),
            _num(similarity), _num(diversity), _num(seconds))
-    with self._writer() as con:  # commits, or rolls back on error
-        con.execute("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds) "
-                    "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    try: self.queue.put_nowait(row)
+    except queue.Full:
+        self.dropped += 1
+        if self.reason is None: self.reason = "the writer is behind: queue full"
+    if self._thread is None or not self._thread.is_alive():
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=f"msr-monitor-{self.path.name}", daemon=True)
+                self._thread.start()
+
+# %% ../nbs/12_monitor.ipynb #7fcf1b2f
+_INSERT = ("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds) "
+           "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+@patch
+def _run(self: MonitorLog):
+    while True:
+        batch = [self.queue.get()]
+        while len(batch) < 1000:
+            try: batch.append(self.queue.get_nowait())
+            except queue.Empty: break
+        try:
+            with self._lock: self._write(batch)
+        finally:
+            for _ in batch: self.queue.task_done()
+
+@patch
+def _write(self: MonitorLog, batch: list):
+    "Append `batch` in one transaction; on any failure drop it (counted) and say why. Never raises: the writer must not die."
+    try:
+        con = self._writer()
+        with con: con.executemany(_INSERT, batch)
+    except Exception as e:
+        self.dropped += len(batch)
+        self._degrade(e)
+        return
+    self.written += len(batch)
+    if self.reason: _logger.warning("monitoring log %s works again", self.path)
+    self.reason = None
+    if time.monotonic() - self._pruned > 60:
+        try: self.prune()
+        except Exception as e: self._degrade(e)
+
+
+# %% ../nbs/12_monitor.ipynb #6b9493d7
+@patch
+def flush(self: MonitorLog, timeout: float = 10.0) -> bool:
+    "Wait until the queue is empty and the writer idle; False if that took longer than `timeout`."
+    deadline = time.monotonic() + timeout
+    while self.queue.unfinished_tasks:
+        if time.monotonic() > deadline: return False
+        time.sleep(0.005)
+    return True
 
 # %% ../nbs/12_monitor.ipynb #d16d25e0
 @patch
@@ -98,6 +194,7 @@ def frame(self: MonitorLog, limit: int | None = None,  # only the latest `limit`
     "The log as a DataFrame, oldest first, with `time` as timestamps and seeds/results as lists."
     sql = "select * from served order by id" if limit is None else \
           f"select * from (select * from served order by id desc limit {int(limit)}) order by id"
+    self.flush()
     with closing(self._connect()) as con:
         df = pd.read_sql_query(sql, con)
     df["time"] = pd.to_datetime(df["ts"], unit="s", utc=True)
@@ -107,8 +204,36 @@ def frame(self: MonitorLog, limit: int | None = None,  # only the latest `limit`
 # %% ../nbs/12_monitor.ipynb #46108264
 @patch
 def __len__(self: MonitorLog) -> int:
+    self.flush()
     with closing(self._connect()) as con:
         return con.execute("select count(*) from served").fetchone()[0]
+
+# %% ../nbs/12_monitor.ipynb #721f9cf3
+@patch
+def prune(self: MonitorLog) -> int:
+    "Delete rows older than `retention_days` and beyond the latest `max_rows`; the number deleted."
+    self._pruned, n = time.monotonic(), 0
+    if self.retention_days is None and self.max_rows is None: return 0
+    con = self._writer()
+    with con:
+        if self.retention_days is not None:
+            n += con.execute("delete from served where ts < ?", (time.time() - self.retention_days * 86400,)).rowcount
+        if self.max_rows is not None:
+            n += con.execute("delete from served where id <= (select id from served order by id desc limit 1 offset ?)",
+                             (int(self.max_rows),)).rowcount
+    return n
+
+# %% ../nbs/12_monitor.ipynb #a87046c5
+def open_monitor(params: dict | None = None,  # params.yaml's monitor section, if the caller has it
+                ) -> MonitorLog | None:
+    "The monitoring log in force (`monitor_path`) with its retention; None when logging is off."
+    path = monitor_path()
+    if path is None: return None
+    p = params or {}
+    days = os.environ.get("MSR_MONITOR_RETENTION_DAYS") or p.get("retention_days")
+    rows = os.environ.get("MSR_MONITOR_MAX_ROWS") or p.get("max_rows")
+    return MonitorLog(path, retention_days=float(days) if days not in (None, "") else None,
+                      max_rows=int(rows) if rows not in (None, "") else None)
 
 # %% ../nbs/12_monitor.ipynb #345859d7
 def _cosine(c: np.ndarray, R: np.ndarray) -> float:
@@ -160,8 +285,8 @@ def artist_diversity(artists) -> float:
 # %% ../nbs/12_monitor.ipynb #f8475e18
 def summarize_served(df: pd.DataFrame,  # `MonitorLog.frame()`
                      catalogue_size: int,  # tracks in the catalogue, for coverage
-                     window: int = 50,  # answers in the rolling mean
-                     threshold: float = 0.3,  # alert when the rolling mean similarity falls below this
+                     window: int,  # answers in the rolling mean (params.yaml's monitor.window)
+                     threshold: float,  # alert when the rolling mean similarity falls below this (monitor.alert_threshold)
                     ) -> dict:
     "Monitoring figures of the served recommendations."
     if df.empty:
@@ -196,7 +321,7 @@ def _genre_bars(bx, df: pd.DataFrame, threshold: float) -> None:
     bx.set(xlabel="mean similarity", title="Per genre")
 
 # %% ../nbs/12_monitor.ipynb #9be366cc
-def plot_served(df: pd.DataFrame, window: int = 50, threshold: float = 0.3):
+def plot_served(df: pd.DataFrame, window: int, threshold: float):  # monitor.window and monitor.alert_threshold
     "The similarity trend with its rolling mean and alert threshold, and the mean similarity per genre."
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 import msr
 from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, read_json
-from .monitor import MonitorLog, monitor_path
+from .monitor import open_monitor
 from .recommend import MODEL_FORMAT
 from .seeds import RECORD_FIELDS
 from .serve import CARD_COLUMNS, MAX_QUERIES, RESULT_COLUMNS, BadRequest, Service, Unavailable
@@ -66,10 +66,9 @@ def _version_label(artifact: str | Path) -> str:
 class MsrModel(mlflow.pyfunc.PythonModel):
     "msr's recommender as an MLflow pyfunc model: rows of (seeds, tracks, playlist_url, k) in, ranked tracks out."
     def load_context(self, context):
-        path = monitor_path()
         self.service = Service.from_files(context.artifacts["recommender"], context.artifacts["tracks"],
                                           model_version=_version_label(context.artifacts["recommender"]),
-                                          monitor=MonitorLog(path) if path else None)
+                                          monitor=open_monitor())
 
 # %% ../nbs/13a_registry.ipynb #4bcf4f1f
 def _answer(service: Service, i: int, row: dict, many: bool):

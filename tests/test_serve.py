@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import urllib.error
 import urllib.request
 
@@ -48,8 +49,18 @@ def playlist_seeds(project, n: int = 10) -> tuple[list[str], list[str]]:
     return tracks[:n], tracks[n:]
 
 
-def logged(db) -> pd.DataFrame:
-    with sqlite3.connect(db) as con: return pd.read_sql_query("select * from served order by id", con)
+def logged(db, at_least: int = 0, timeout: float = 10.0) -> pd.DataFrame:
+    """The server's monitoring log, once it has settled: the server's writer thread appends an answer's row
+    just after the answer (best effort, never in the request's way), so wait for `at_least` rows and for no
+    more to arrive for 0.3 s."""
+    deadline, last, stable_since = time.monotonic() + timeout, None, time.monotonic()
+    while True:
+        if db.exists():
+            with sqlite3.connect(db) as con: df = pd.read_sql_query("select * from served order by id", con)
+        else: df = pd.DataFrame(columns=["id", "source", "model", "seeds", "similarity"])
+        if len(df) != last: last, stable_since = len(df), time.monotonic()
+        if (len(df) >= at_least and time.monotonic() - stable_since >= 0.3) or time.monotonic() > deadline: return df
+        time.sleep(0.05)
 
 
 def test_input_example_is_a_ready_request(server, served_project):
@@ -69,7 +80,7 @@ def test_input_example_is_a_ready_request(server, served_project):
 
 def test_playlist_queries(server, served_project):
     url, db = server
-    before = len(logged(db)) if db.exists() else 0
+    before = len(logged(db))
     seeds, rest = playlist_seeds(served_project)
     status, body = post(url, {"dataframe_records": [{"seeds": seeds, "k": 25}, {"seeds": seeds[:2] + ["not-a-track"], "k": 7}]})
     assert status == 200, body
@@ -79,7 +90,7 @@ def test_playlist_queries(server, served_project):
     assert first["track_id"].is_unique and not set(first["track_id"]) & set(seeds)
     assert first["score"].is_monotonic_decreasing
     assert set(first["track_id"]) & set(rest), "none of the playlist's other tracks among 25 recommendations"
-    log = logged(db)
+    log = logged(db, at_least=before + 2)
     assert len(log) == before + 2  # one row per answered query
     assert set(log["source"].iloc[-2:]) == {"rest"} and set(log["model"].iloc[-2:]) == {"msr-recommender v1"}
     assert json.loads(log["seeds"].iloc[-1]) == seeds[:2]  # the unknown id is not a seed
@@ -110,11 +121,11 @@ def test_bad_request_names_the_problem(server, served_project, body, status, mes
     url, db = server
     seed = playlist_seeds(served_project)[0][0]
     if not isinstance(body, bytes): body = json.loads(json.dumps(body).replace("SEED", seed))
-    before = len(logged(db)) if db.exists() else 0
+    before = len(logged(db))
     got, answer = post(url, body)
     assert got == status, answer
     assert message in (answer["message"] if isinstance(answer, dict) else answer), answer
-    assert (len(logged(db)) if db.exists() else 0) == before  # refused requests are not logged as served
+    assert len(logged(db)) == before  # refused requests are not logged as served
     ok, _ = post(url, {"dataframe_records": [{"seeds": [seed], "k": 3}]})
     assert ok == 200  # and the server keeps serving
 
@@ -140,7 +151,7 @@ def test_spotify_playlist_link(server, served_project, spotify_fake):
     rows = pd.DataFrame(body["predictions"])
     assert len(rows) == 15 and not set(rows["track_id"]) & set(seeds)
     assert set(rows["track_id"]) & set(rest), "none of the playlist's other tracks among the recommendations"
-    assert json.loads(logged(db)["seeds"].iloc[-1]) == seeds  # the playlist's catalogue tracks were the seeds
+    assert json.loads(logged(db, at_least=1)["seeds"].iloc[-1]) == seeds  # the playlist's catalogue tracks were the seeds
 
 
 def test_playlist_of_only_foreign_tracks(server, served_project, spotify_fake):
