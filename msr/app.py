@@ -16,14 +16,14 @@ from fastcore.basics import patch
 from IPython.display import display
 
 from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params, project_root
-from .monitor import MonitorLog, open_monitor, plot_served, summarize_served
+from .monitor import MonitorLog, open_monitor, plot_served
 from .seeds import normalize, release_year
 from .registry import CHAMPION, MODEL_NAME
 from .serve import Answer, BadRequest, Service
 
 # %% auto #0
-__all__ = ['load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table', 'search_artists', 'track_label',
-           'results_html', 'summary_html', 'profile_figure', 'Dashboard']
+__all__ = ['MONITOR_PLOT_ROWS', 'load_service', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table',
+           'search_artists', 'track_label', 'results_html', 'summary_html', 'profile_figure', 'Dashboard']
 
 # %% ../nbs/14_app.ipynb #01cc445d
 def load_service(monitor: MonitorLog | None = None) -> Service:
@@ -360,20 +360,22 @@ def recommend(self: Dashboard) -> Answer | None:
     return self.answer
 
 # %% ../nbs/14_app.ipynb #325cecfc
+MONITOR_PLOT_ROWS = 5000  # answers the monitor tab's trend plots (the summary covers the whole log)
+
 @patch
 def refresh_monitor(self: Dashboard) -> dict:
     "Re-read the monitoring log and redraw the monitor tab; returns its summary."
     if self.monitor is None:
         self.monitor_summary.value = "<i>monitoring is off (MSR_MONITOR_DB=off)</i>"; return {}
-    df = self.monitor.frame()
-    s = summarize_served(df, len(self.tracks), self.window, self.threshold)
+    s = self.monitor.summary(len(self.tracks), self.window, self.threshold)  # in SQL: a big log stays quick
+    df = self.monitor.frame(limit=MONITOR_PLOT_ROWS)  # the trend shows the latest answers
     alert = (f"<b style='color:#b00020'>ALERT: rolling similarity {s['rolling_similarity']:.2f} is below {self.threshold}</b>"
              if s["alert"] else "no alert")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     self.monitor_summary.value = (f"<p>{s['served']} answers served · rolling similarity ({self.window}) {fmt(s['rolling_similarity'])} · "
                                   f"{alert} · catalogue coverage {s['coverage']:.1%} · artist diversity {fmt(s['diversity'])} · "
                                   f"models: {html.escape(', '.join(s['models']) or 'none')}</p>")
-    self._draw(self.monitor_plot, lambda: plot_served(df, self.window, self.threshold))
+    self._draw(self.monitor_plot, lambda: plot_served(df, self.window, self.threshold, s["per_genre"]))
     return s
 
 # %% ../nbs/14_app.ipynb #36bff432

@@ -46,6 +46,10 @@ create table if not exists served (
     similarity real,             -- mean cosine similarity of the results to the seeds' audio profile
     diversity real,              -- share of distinct artists among the results
     seconds real                 -- time to answer
+);
+create table if not exists served_tracks (  -- every track ever recommended, for the catalogue coverage
+    track_id text primary key,
+    last_ts real not null        -- when it was last recommended (pruned with the answers)
 )"""
 
 # %% ../nbs/12_monitor.ipynb #7602c4ae
@@ -92,7 +96,9 @@ def _writer(self: MonitorLog) -> sqlite3.Connection:
     try:
         con.execute("pragma journal_mode=wal")
         con.execute("pragma synchronous=normal")
-        with con: con.execute(_SCHEMA)
+        con.executescript(_SCHEMA)
+        if con.execute("select not exists (select 1 from served_tracks) and exists (select 1 from served)").fetchone()[0]:
+            with con: con.execute(_BACKFILL)  # a log written before served_tracks existed
     except Exception: con.close(); raise
     self._con, self._ino = con, os.stat(self.path).st_ino
     return con
@@ -144,6 +150,10 @@ def record(self: MonitorLog, source: str, model: str, seeds: list, results: list
                 self._thread.start()
 
 # %% ../nbs/12_monitor.ipynb #7fcf1b2f
+_TRACKS = ("insert into served_tracks (track_id, last_ts) values (?, ?) "
+           "on conflict (track_id) do update set last_ts = max(last_ts, excluded.last_ts)")
+_BACKFILL = ("insert or ignore into served_tracks (track_id, last_ts) "
+             "select j.value, max(s.ts) from served s, json_each(s.results) j group by j.value")
 _INSERT = ("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds) "
            "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
@@ -164,7 +174,9 @@ def _write(self: MonitorLog, batch: list):
     "Append `batch` in one transaction; on any failure drop it (counted) and say why. Never raises: the writer must not die."
     try:
         con = self._writer()
-        with con: con.executemany(_INSERT, batch)
+        with con:
+            con.executemany(_INSERT, batch)
+            con.executemany(_TRACKS, [(t, row[0]) for row in batch for t in json.loads(row[6])])
     except Exception as e:
         self.dropped += len(batch)
         self._degrade(e)
@@ -221,6 +233,7 @@ def prune(self: MonitorLog) -> int:
         if self.max_rows is not None:
             n += con.execute("delete from served where id <= (select id from served order by id desc limit 1 offset ?)",
                              (int(self.max_rows),)).rowcount
+        con.execute("delete from served_tracks where last_ts < coalesce((select min(ts) from served), 1e300)")
     return n
 
 # %% ../nbs/12_monitor.ipynb #a87046c5
@@ -303,6 +316,27 @@ def summarize_served(df: pd.DataFrame,  # `MonitorLog.frame()`
             "per_genre": {g: {k: _num(v) if k != "answers" else int(v) for k, v in r.items()} for g, r in per_genre.iterrows()},
             "models": sorted(df["model"].unique().tolist())}
 
+# %% ../nbs/12_monitor.ipynb #8d713154
+@patch
+def summary(self: MonitorLog, catalogue_size: int,  # tracks in the catalogue, for coverage
+            window: int,  # answers in the rolling mean (monitor.window)
+            threshold: float,  # alert below this rolling mean (monitor.alert_threshold)
+           ) -> dict:
+    "`summarize_served` of the whole log, computed in SQL."
+    self.flush()
+    with closing(self._connect()) as con:
+        served, similarity, diversity = con.execute("select count(*), avg(similarity), avg(diversity) from served").fetchone()
+        if not served: return summarize_served(pd.DataFrame(), catalogue_size, window, threshold)
+        rolling = con.execute("select avg(similarity) from (select similarity from served order by id desc limit ?)", (int(window),)).fetchone()[0]
+        genres = con.execute("select coalesce(genre, 'unknown') g, count(*), avg(similarity), avg(diversity) "
+                             "from served group by g order by g").fetchall()
+        models = [m for (m,) in con.execute("select distinct model from served order by model")]
+        tracks = con.execute("select count(*) from served_tracks").fetchone()[0]
+    return {"served": int(served), "coverage": tracks / max(int(catalogue_size), 1), "similarity": _num(similarity),
+            "rolling_similarity": _num(rolling), "alert": bool(rolling is not None and rolling < threshold),
+            "diversity": _num(diversity), "models": models,
+            "per_genre": {g: {"answers": int(n), "similarity": _num(s), "diversity": _num(v)} for g, n, s, v in genres}}
+
 # %% ../nbs/12_monitor.ipynb #b699eacf
 def _trend(ax, df: pd.DataFrame, window: int, threshold: float) -> None:
     "Each answer's similarity, its rolling mean over `window` answers and the alert threshold."
@@ -313,15 +347,19 @@ def _trend(ax, df: pd.DataFrame, window: int, threshold: float) -> None:
     ax.set(xlabel="answer #", ylabel="cosine similarity to the playlist", title="Similarity of served recommendations")
     ax.legend(loc="lower left", fontsize=8)
 
-def _genre_bars(bx, df: pd.DataFrame, threshold: float) -> None:
-    "The mean similarity per genre (no genre: 'unknown'), lowest first, against the threshold."
-    g = df.assign(genre=df["genre"].fillna("unknown")).groupby("genre")["similarity"].mean().sort_values()
+def _genre_bars(bx, df: pd.DataFrame, threshold: float, per_genre: dict | None = None) -> None:
+    "The mean similarity per genre (no genre: 'unknown'), lowest first, against the threshold; from `per_genre` (a summary's) if given."
+    g = (pd.Series({k: v["similarity"] for k, v in per_genre.items()}, dtype=float) if per_genre is not None else
+         df.assign(genre=df["genre"].fillna("unknown")).groupby("genre")["similarity"].mean()).sort_values()
     bx.barh(g.index, g.values, color="tab:blue")
     bx.axvline(threshold, color="tab:red", ls="--")
     bx.set(xlabel="mean similarity", title="Per genre")
 
 # %% ../nbs/12_monitor.ipynb #9be366cc
-def plot_served(df: pd.DataFrame, window: int, threshold: float):  # monitor.window and monitor.alert_threshold
+def plot_served(df: pd.DataFrame,  # the answers to plot (e.g. the latest few thousand, `MonitorLog.frame(limit=...)`)
+                window: int, threshold: float,  # monitor.window and monitor.alert_threshold
+                per_genre: dict | None = None,  # per-genre figures of the whole log (`MonitorLog.summary`); default: from `df`
+               ):
     "The similarity trend with its rolling mean and alert threshold, and the mean similarity per genre."
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})
@@ -329,6 +367,6 @@ def plot_served(df: pd.DataFrame, window: int, threshold: float):  # monitor.win
         for a in (ax, bx): a.text(0.5, 0.5, "nothing served yet", ha="center", va="center"); a.set_axis_off()
         return fig
     _trend(ax, df, window, threshold)
-    _genre_bars(bx, df, threshold)
+    _genre_bars(bx, df, threshold, per_genre)
     fig.tight_layout()
     return fig
