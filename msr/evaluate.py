@@ -43,7 +43,7 @@ def iter_queries(queries: pd.DataFrame, split: str = "test"):
         seeds = g.loc[g["role"] == "seed", TRACK_ID].tolist()
         yield setting, pid, seeds, set(g.loc[g["role"] == "heldout", TRACK_ID])
 
-# %% ../nbs/08_evaluate.ipynb #06a21ea7
+# %% ../nbs/08_evaluate.ipynb #04570cab
 CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500)  # cut-offs of the recall curve
 
 def evaluate_model(model,  # anything with recommend(seed_track_ids, k)
@@ -65,6 +65,7 @@ def evaluate_model(model,  # anything with recommend(seed_track_ids, k)
     if not rows: raise ValueError(f"no {split} queries to evaluate: check transform.min_tracks and the split sizes")
     return pd.DataFrame(rows)
 
+# %% ../nbs/08_evaluate.ipynb #4a666d45
 def summarize(per_query: pd.DataFrame,  # rows from `evaluate_model`, with a `model` column
              ) -> pd.DataFrame:
     "Mean of every metric per (model, setting), with the number of queries (and of queries the model refused)."
@@ -74,6 +75,7 @@ def summarize(per_query: pd.DataFrame,  # rows from `evaluate_model`, with a `mo
     if "refused" in per_query: agg["refused"] = groups["refused"].sum().astype(int)
     return agg
 
+# %% ../nbs/08_evaluate.ipynb #24bd482f
 def recall_curve(per_query: pd.DataFrame,  # rows from `evaluate_model` (one model's)
                  setting: str | None = None,  # only this query setting
                 ) -> pd.Series:
@@ -82,7 +84,7 @@ def recall_curve(per_query: pd.DataFrame,  # rows from `evaluate_model` (one mod
     cols = [c for c in per_query.columns if c.startswith("recall@")]
     return pd.Series({int(c.split("@")[1]): float(rows[c].mean()) for c in cols}, name="recall")
 
-# %% ../nbs/08_evaluate.ipynb #16cc46d9
+# %% ../nbs/08_evaluate.ipynb #d255703b
 FOREIGN_KINDS = ("foreign", "foreign_nofeat", "mixed")  # the simulated real-playlist settings
 RECORD_COLUMNS = ["track_name", "track_artist", "track_album_name", "track_album_release_date"]  # what a foreign record carries besides audio
 
@@ -107,6 +109,7 @@ def foreign_queries(queries: pd.DataFrame,  # from `msr.transform.make_queries`
         foreign.update(seeds[n_known:]); keep.update(heldout); keep.update(seeds[:n_known])
     return out, foreign - keep
 
+# %% ../nbs/08_evaluate.ipynb #b59aa5f5
 def without_tracks(tracks: pd.DataFrame, playlist_tracks: pd.DataFrame, removed: set) -> tuple[pd.DataFrame, pd.DataFrame]:
     "The catalogue and training rows with the `removed` tracks taken out."
     return tracks[~tracks[TRACK_ID].isin(removed)], playlist_tracks[~playlist_tracks[TRACK_ID].isin(removed)]

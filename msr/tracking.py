@@ -20,7 +20,7 @@ __all__ = ['DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'S
            'metric_key', 'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'pipeline_key', 'git_commit', 'parent_run',
            'stage_run']
 
-# %% ../nbs/09a_tracking.ipynb #ff1fb66d
+# %% ../nbs/09a_tracking.ipynb #bc6e650c
 def flatten(d: dict, prefix: str = "") -> dict:
     "Nested dicts to one level with dotted keys."
     out = {}
@@ -30,6 +30,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else: out[key] = v
     return out
 
+# %% ../nbs/09a_tracking.ipynb #52342dd5
 def loggable_params(params: dict) -> dict:
     "Flattened parameters with secrets masked, URLs redacted, and keys MLflow accepts (`genres.r&b` -> `genres.r_b`)."
     return {metric_key(k): v for k, v in redact_params(flatten(params)).items()}
@@ -38,13 +39,14 @@ def metric_key(key: str) -> str:
     "A valid MLflow metric name."
     return re.sub(r"[^0-9A-Za-z_\-. /:]", "_", key)
 
+# %% ../nbs/09a_tracking.ipynb #283447b5
 def numeric_metrics(d: dict) -> dict:
     "The finite numbers of a (nested) metrics dict, with valid MLflow keys joined by '/'."
     flat = {metric_key(k.replace(".", "/")): v for k, v in flatten(d).items()}
     return {k: float(v) for k, v in flat.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
-# %% ../nbs/09a_tracking.ipynb #94df6eef
+# %% ../nbs/09a_tracking.ipynb #f4f8be25
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = Path("mlartifacts")
 DEFAULT_EXPERIMENT = "msr"
@@ -53,6 +55,7 @@ def tracking_uri() -> str:
     "The MLflow tracking URI in force."
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
+# %% ../nbs/09a_tracking.ipynb #dcf29017
 def setup_mlflow() -> str:
     "Point MLflow at the tracking store and return the experiment id (created with ./mlartifacts locally)."
     import mlflow
@@ -64,6 +67,7 @@ def setup_mlflow() -> str:
     location = DEFAULT_ARTIFACTS.resolve().as_uri() if uri.startswith("sqlite:") else None
     return mlflow.create_experiment(name, artifact_location=location)
 
+# %% ../nbs/09a_tracking.ipynb #f6d87be6
 def pipeline_key() -> str:
     "An id shared by the stages of one pipeline run."
     if os.environ.get("MSR_PIPELINE_RUN"): return os.environ["MSR_PIPELINE_RUN"]
@@ -75,6 +79,7 @@ def pipeline_key() -> str:
             return f"dvc-{p.pid}-{int(p.create_time())}"
     return f"solo-{os.getpid()}-{int(time.time())}"
 
+# %% ../nbs/09a_tracking.ipynb #81dcee3d
 def git_commit() -> str:
     "HEAD's commit, with '-dirty' when the work tree has changes; '' outside git."
     try:
@@ -84,6 +89,7 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
 
+# %% ../nbs/09a_tracking.ipynb #a7f3162d
 def parent_run(client, experiment_id: str, key: str) -> str:
     "The run id of the pipeline run `key`, created on first use."
     found = client.search_runs([experiment_id], f"tags.`msr.pipeline` = '{key}' and tags.`msr.kind` = 'pipeline'", max_results=1)
