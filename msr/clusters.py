@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from sklearn.metrics import silhouette_score
 from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
@@ -25,11 +26,14 @@ class GenreMixtures:
     scaler: StandardScaler
     mixtures: dict  # genre → GaussianMixture
 
-    def transform(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
-        "Standardise audio features (columns in `AUDIO_FEATURES` order)."
-        X = features[AUDIO_FEATURES].to_numpy() if isinstance(features, pd.DataFrame) else np.asarray(features)
-        return self.scaler.transform(X)
+# %% ../nbs/05_clusters.ipynb #96ead90a
+@patch
+def transform(self: GenreMixtures, features: pd.DataFrame | np.ndarray) -> np.ndarray:
+    "Standardise audio features (columns in `AUDIO_FEATURES` order)."
+    X = features[AUDIO_FEATURES].to_numpy() if isinstance(features, pd.DataFrame) else np.asarray(features)
+    return self.scaler.transform(X)
 
+# %% ../nbs/05_clusters.ipynb #0d9ca9b4
 def fit_genre_mixtures(tracks: pd.DataFrame,  # one row per track, with the audio features
                        labels: pd.Series,  # track_id → genre, from training playlists only
                        *,  # the values live in params.yaml (clusters: the original project's; train.clusters: msr's priors)
@@ -49,6 +53,7 @@ def fit_genre_mixtures(tracks: pd.DataFrame,  # one row per track, with the audi
         mixtures[genre] = gm.fit(scaler.transform(g[AUDIO_FEATURES].to_numpy()))
     return GenreMixtures(scaler, mixtures)
 
+# %% ../nbs/05_clusters.ipynb #0b547a85
 def mixture_scores(gm: GenreMixtures, tracks: pd.DataFrame, labels: pd.Series,
                    *, silhouette_sample: int,  # silhouette is quadratic: score a seeded sample of this many tracks
                    random_state: int,  # the sample's seed

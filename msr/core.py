@@ -97,6 +97,14 @@ def atomic_path(dest: str | Path,  # the file to (re)write
     finally:
         tmp.unlink(missing_ok=True)
 
+# %% ../nbs/00_core.ipynb #662de23c
+def _jsonable(o):
+    "Turn numpy scalars and paths into plain JSON values."
+    if hasattr(o, "item"): return o.item()
+    if isinstance(o, Path): return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+# %% ../nbs/00_core.ipynb #0b0d5467
 def write_json(obj: Any,  # JSON-serialisable data
                dest: str | Path,  # where to write it, atomically
               ) -> Path:
@@ -105,16 +113,11 @@ def write_json(obj: Any,  # JSON-serialisable data
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
     return Path(dest)
 
-def _jsonable(o):
-    "Turn numpy scalars and paths into plain JSON values."
-    if hasattr(o, "item"): return o.item()
-    if isinstance(o, Path): return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
 def read_json(path: str | Path) -> Any:
     "Read a JSON file."
     return json.loads(Path(path).read_text())
 
+# %% ../nbs/00_core.ipynb #d8129bc8
 def save_figure(fig,  # a matplotlib figure
                 dest: str | Path,  # .png or .svg file, written atomically
                 dpi: int = 100) -> Path:
