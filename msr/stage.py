@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import yaml
+from fastcore.basics import patch
 from fastcore.script import Param, call_parse, store_true
 from fastcore.xtras import modified_env
 
@@ -47,18 +48,36 @@ def declared_files(stage: str, kind: str, dvc_yaml: str | Path = "dvc.yaml") -> 
     spec = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {}).get(stage, {})
     return [Path(next(iter(e)) if isinstance(e, dict) else e) for e in spec.get(kind, [])]
 
-# %% ../nbs/09_stage.ipynb #39847ade
+# %% ../nbs/09_stage.ipynb #4f30d7e6
 STAGE_NOTEBOOKS = Path("nbs/stages")
 
 class StageFailed(RuntimeError):
     "A stage notebook raised; the message names the stage, the error and the report to read."
 
+# %% ../nbs/09_stage.ipynb #8f0ed0ea
 def _papermill():
     "papermill, imported without `rfc3987_syntax` (its `iri` format checker costs jsonschema 0.8 s at import; nbformat never uses it)."
     sys.modules.setdefault("rfc3987_syntax", None)  # jsonschema then leaves the `iri` formats unchecked
     import papermill
     return papermill
 
+# %% ../nbs/09_stage.ipynb #2411e48b
+def _log_outputs(client, run_id: str, stage: str):
+    "Log the stage's declared metrics (values and files), plots and images to its MLflow run."
+    for path in declared_files(stage, "metrics"):
+        if not path.exists(): continue
+        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in numeric_metrics(read_json(path)).items()])
+        client.log_artifact(run_id, str(path), "metrics")
+    images = [p for p in declared_files(stage, "outs") if p.suffix in (".png", ".svg", ".jpg")]
+    for path in declared_files(stage, "plots") + images:
+        if path.is_dir(): client.log_artifacts(run_id, str(path), f"plots/{path.name}")
+        elif path.exists(): client.log_artifact(run_id, str(path), "plots")
+
+def _metric(key, value):
+    from mlflow.entities import Metric
+    return Metric(key, value, int(time.time() * 1000), 0)
+
+# %% ../nbs/09_stage.ipynb #f02388b0
 class _StageRuns:
     "The stage's MLflow run under its pipeline run, opened on a thread while the notebook runs."
     def __init__(self, stage: str, src: Path, params: dict, run_file: Path):
@@ -67,31 +86,36 @@ class _StageRuns:
         self.thread = threading.Thread(target=self._open, name="msr-stage-tracking", daemon=True)
         self.thread.start()
 
-    def _open(self):
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-            exp = setup_mlflow()
-            self.client = MlflowClient()
-            self.parent = parent_run(self.client, exp, pipeline_key())
-            self.run_id = self.client.create_run(exp, run_name=self.stage, tags={
-                "mlflow.parentRunId": self.parent, "msr.stage": self.stage, "msr.kind": "stage",
-                "mlflow.source.git.commit": git_commit(), "mlflow.source.name": str(self.src)}).info.run_id
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in loggable_params(self.params).items()])
-        except Exception as e: self.error = e
-        finally:  # the kernel may be waiting for the run id (register logs into its stage's run); "" says there is none
-            with atomic_path(self.run_file) as tmp: tmp.write_text(self.run_id or "")
+# %% ../nbs/09_stage.ipynb #daeeb468
+@patch
+def _open(self: _StageRuns):
+    try:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        exp = setup_mlflow()
+        self.client = MlflowClient()
+        self.parent = parent_run(self.client, exp, pipeline_key())
+        self.run_id = self.client.create_run(exp, run_name=self.stage, tags={
+            "mlflow.parentRunId": self.parent, "msr.stage": self.stage, "msr.kind": "stage",
+            "mlflow.source.git.commit": git_commit(), "mlflow.source.name": str(self.src)}).info.run_id
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in loggable_params(self.params).items()])
+    except Exception as e: self.error = e
+    finally:  # the kernel may be waiting for the run id (register logs into its stage's run); "" says there is none
+        with atomic_path(self.run_file) as tmp: tmp.write_text(self.run_id or "")
 
-    def close(self, status: str, seconds: float, report: Path):
-        "Wait for the runs; log the stage's time, report and outputs; end both runs with `status`."
-        self.thread.join()
-        if self.error: raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {type(self.error).__name__}: {self.error}")
-        self.client.log_metric(self.run_id, "stage_seconds", seconds)
-        if report.exists(): self.client.log_artifact(self.run_id, str(report), "report")
-        if status == "FINISHED": _log_outputs(self.client, self.run_id, self.stage)
-        self.client.set_terminated(self.run_id, status)
-        self.client.set_terminated(self.parent, status)  # the pipeline run ends with its latest stage's status
+# %% ../nbs/09_stage.ipynb #c5d13ba5
+@patch
+def close(self: _StageRuns, status: str, seconds: float, report: Path):
+    "Wait for the runs; log the stage's time, report and outputs; end both runs with `status`."
+    self.thread.join()
+    if self.error: raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {type(self.error).__name__}: {self.error}")
+    self.client.log_metric(self.run_id, "stage_seconds", seconds)
+    if report.exists(): self.client.log_artifact(self.run_id, str(report), "report")
+    if status == "FINISHED": _log_outputs(self.client, self.run_id, self.stage)
+    self.client.set_terminated(self.run_id, status)
+    self.client.set_terminated(self.parent, status)  # the pipeline run ends with its latest stage's status
 
+# %% ../nbs/09_stage.ipynb #5c5b9b1a
 def run_stage(stage: str,  # a stage of dvc.yaml
               track: bool = True,  # log to MLflow
              ) -> Path:
@@ -125,21 +149,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
     if error: raise error
     return report
 
-def _log_outputs(client, run_id: str, stage: str):
-    "Log the stage's declared metrics (values and files), plots and images to its MLflow run."
-    for path in declared_files(stage, "metrics"):
-        if not path.exists(): continue
-        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in numeric_metrics(read_json(path)).items()])
-        client.log_artifact(run_id, str(path), "metrics")
-    images = [p for p in declared_files(stage, "outs") if p.suffix in (".png", ".svg", ".jpg")]
-    for path in declared_files(stage, "plots") + images:
-        if path.is_dir(): client.log_artifacts(run_id, str(path), f"plots/{path.name}")
-        elif path.exists(): client.log_artifact(run_id, str(path), "plots")
-
-def _metric(key, value):
-    from mlflow.entities import Metric
-    return Metric(key, value, int(time.time() * 1000), 0)
-
+# %% ../nbs/09_stage.ipynb #cf4b9bb6
 @call_parse
 def main(stage: Param("stage name, as in dvc.yaml", str),
          no_track: Param("do not log to MLflow", store_true) = False):
