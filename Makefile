@@ -84,11 +84,15 @@ serve: setup
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve \
 	  -m models:/msr-recommender@champion --env-manager local -h $(HOST) -p $(SERVE_PORT) -w $(SERVE_WORKERS)
 
-# The dashboard: code hidden, Jupyter token auth (MSR_DASHBOARD_TOKEN, or a fresh random token).
+# The dashboard: code hidden, Jupyter token auth. The token (MSR_DASHBOARD_TOKEN, or a file named by
+# MSR_DASHBOARD_TOKEN_FILE, or a fresh random one) reaches voila through its environment, never its
+# command line, which any local user can read in /proc.
 dashboard: setup
-	@token=$${MSR_DASHBOARD_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}; \
-	echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=$$token"; \
-	$(BIN)/voila nbs/dashboard.ipynb --no-browser --strip_sources=True --Voila.ip=$(HOST) --port=$(DASHBOARD_PORT) --token="$$token"
+	@if [ -n "$${MSR_DASHBOARD_TOKEN_FILE:-}" ]; then export JUPYTER_TOKEN_FILE="$$MSR_DASHBOARD_TOKEN_FILE"; \
+	  echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=<the token in $$MSR_DASHBOARD_TOKEN_FILE>"; \
+	else export JUPYTER_TOKEN="$${MSR_DASHBOARD_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}"; \
+	  echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=$$JUPYTER_TOKEN"; fi; \
+	$(BIN)/voila nbs/dashboard.ipynb --no-browser --strip_sources=True --Voila.ip=$(HOST) --port=$(DASHBOARD_PORT) --Voila.auto_token=True
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py --runs 5

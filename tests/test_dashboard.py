@@ -32,10 +32,12 @@ def dashboard(served_project, tmp_path_factory, spotify_fake):
     with Spotify configured against the fake (tests/fake_spotify.py) and a person logged in."""
     logs = tmp_path_factory.mktemp("dashboard")
     port, token = free_port(), secrets.token_urlsafe(16)
-    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(spotify_fake[1], logs / "spotify-tokens")}
+    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(spotify_fake[1], logs / "spotify-tokens"),
+           "JUPYTER_TOKEN": token}  # as `make dashboard` passes it: in the environment, never on the command line
     proc = start_server([str(BIN / "voila"), str(ROOT / "nbs/dashboard.ipynb"), "--no-browser", "--strip_sources=True",
-                         "--Voila.ip=127.0.0.1", f"--port={port}", f"--token={token}"],
+                         "--Voila.ip=127.0.0.1", f"--port={port}", "--Voila.auto_token=True"],
                         ROOT / "nbs", env, f"tcp://127.0.0.1:{port}", logs / "voila.log")
+    assert token not in Path(f"/proc/{proc.pid}/cmdline").read_text()  # another local user could read it there
     try: yield f"http://127.0.0.1:{port}", token, logs / "served.sqlite"
     finally: stop_server(proc)
 
