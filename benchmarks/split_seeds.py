@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from msr.clusters import mixture_args
 from msr.core import SONGS, load_params
 from msr.evaluate import evaluate_model, fit_recommender, foreign_queries, summarize, without_tracks
 from msr.metrics import METRICS
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def model_params(params: dict) -> dict:
     train = params["train"]
-    clusters = {k: params["clusters"][k] for k in ["n_components", "covariance_type", "random_state"]}
+    clusters = mixture_args(params["clusters"])
     return {"msr": train, "original": {"genre": params["genre"], "clusters": clusters},
             "random": {"seed": params["evaluate"]["random_seed"]}}
 

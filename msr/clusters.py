@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from .core import AUDIO_FEATURES, TRACK_ID
 
 # %% auto #0
-__all__ = ['GenreMixtures', 'fit_genre_mixtures', 'mixture_scores']
+__all__ = ['GenreMixtures', 'fit_genre_mixtures', 'mixture_args', 'mixture_scores']
 
 # %% ../nbs/05_clusters.ipynb #1bbaa67f
 @dataclass
@@ -52,6 +52,11 @@ def fit_genre_mixtures(tracks: pd.DataFrame,  # one row per track, with the audi
         gm = GaussianMixture(n_components=n_components, covariance_type=covariance_type, random_state=random_state)
         mixtures[genre] = gm.fit(scaler.transform(g[AUDIO_FEATURES].to_numpy()))
     return GenreMixtures(scaler, mixtures)
+
+# %% ../nbs/05_clusters.ipynb #0e090f59
+def mixture_args(clusters: dict) -> dict:
+    "The `fit_genre_mixtures` arguments of a clusters section (without mixture_scores' silhouette_sample)."
+    return {k: v for k, v in clusters.items() if k != "silhouette_sample"}
 
 # %% ../nbs/05_clusters.ipynb #0b547a85
 def mixture_scores(gm: GenreMixtures, tracks: pd.DataFrame, labels: pd.Series,

@@ -43,9 +43,9 @@ def stage_params(stage: str,  # a stage name from dvc.yaml
     return params
 
 # %% ../nbs/09_stage.ipynb #a19b11b2
-def declared_files(stage: str, kind: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
+def declared_files(stage: str, kind: str, repo: str | Path = ".") -> list[Path]:
     "Paths a stage declares under `kind` ('metrics', 'plots' or 'outs')."
-    spec = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {}).get(stage, {})
+    spec = _stages(repo).get(stage, {})
     return [Path(next(iter(e)) if isinstance(e, dict) else e) for e in spec.get(kind, [])]
 
 # %% ../nbs/09_stage.ipynb #4f30d7e6
