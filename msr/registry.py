@@ -26,7 +26,7 @@ from .tracking import setup_mlflow, stage_run
 
 # %% auto #0
 __all__ = ['MODEL_NAME', 'CHAMPION', 'CHALLENGER', 'OUTPUT_COLUMNS', 'REQUIREMENTS', 'EXAMPLE_RECORD', 'signature', 'MsrModel',
-           'pinned_requirements', 'log_version', 'decide', 'promotion', 'register']
+           'answer_records', 'pinned_requirements', 'log_version', 'decide', 'promotion', 'register']
 
 # %% ../nbs/13a_registry.ipynb #e39bdf2a
 MODEL_NAME = "msr-recommender"  # the registered model
@@ -80,6 +80,11 @@ def _answer(service: Service, i: int, row: dict, many: bool):
         from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
         raise MlflowException(f"query {i}: {e}" if many else str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
 
+def answer_records(answers: list) -> list[dict]:
+    "One record per recommended track (OUTPUT_COLUMNS), query by query: what the REST services answer."
+    return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version, "seeds_known": len(a.seeds),
+             "seeds_foreign": a.foreign, "seeds_with_features": a.with_features} for i, a in enumerate(answers) for r in a.rows]
+
 @patch
 def predict(self: MsrModel, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
     "One record per recommended track (OUTPUT_COLUMNS), query by query; HTTP 400 with the reason for a bad request."
@@ -89,8 +94,7 @@ def predict(self: MsrModel, context, model_input: pd.DataFrame, params: dict | N
         raise MlflowException.invalid_parameter_value(f"too many queries in one request: {len(df)} (at most {MAX_QUERIES})")
     answers = [_answer(self.service, i, row, len(df) > 1) for i, row in enumerate(df.to_dict("records"))]
     for a in answers: self.service.log(a, "rest")
-    return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version, "seeds_known": len(a.seeds),
-             "seeds_foreign": a.foreign, "seeds_with_features": a.with_features} for i, a in enumerate(answers) for r in a.rows]
+    return answer_records(answers)
 
 # %% ../nbs/13a_registry.ipynb #e38681cc
 REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml"]
