@@ -5,6 +5,7 @@
 # %% ../nbs/13a_registry.ipynb #4e98812c
 from __future__ import annotations
 
+import logging
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 from pathlib import Path
@@ -17,7 +18,7 @@ from fastcore.xtras import modified_env
 from mlflow.exceptions import MlflowException
 
 import msr
-from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, read_json
+from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, load_params, project_root, read_json
 from .monitor import open_monitor
 from .recommend import MODEL_FORMAT
 from .seeds import RECORD_FIELDS
@@ -62,13 +63,22 @@ def _version_label(artifact: str | Path) -> str:
     except Exception: pass  # no registry reachable: the run id still identifies the model
     return f"run {run_id[:8]}"
 
+# %% ../nbs/13a_registry.ipynb #7583bc4f
+def _spotify_wait() -> float | None:
+    "params.yaml's serve.spotify_wait from the project the server runs in; None (and a warning) with no such setting."
+    try: return float(load_params(project_root() / "params.yaml", "serve")["spotify_wait"])
+    except (FileNotFoundError, KeyError) as e:
+        logging.getLogger(__name__).warning("no serve.spotify_wait in a project's params.yaml (%s): a request's Spotify wait "
+                                            "is bounded only per call", e)
+        return None
+
 # %% ../nbs/13a_registry.ipynb #a15695da
 class MsrModel(mlflow.pyfunc.PythonModel):
     "msr's recommender as an MLflow pyfunc model: rows of (seeds, tracks, playlist_url, k) in, ranked tracks out."
     def load_context(self, context):
         self.service = Service.from_files(context.artifacts["recommender"], context.artifacts["tracks"],
                                           model_version=_version_label(context.artifacts["recommender"]),
-                                          monitor=open_monitor())
+                                          monitor=open_monitor(), spotify_wait=_spotify_wait())
 
 # %% ../nbs/13a_registry.ipynb #4bcf4f1f
 def _answer(service: Service, i: int, row: dict, many: bool):

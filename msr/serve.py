@@ -34,7 +34,10 @@ class BadRequest(ValueError):
     "A request msr cannot answer; the message names the problem."
 
 class Unavailable(RuntimeError):
-    "A service msr needs for this request (Spotify) is not answering now; try again later."
+    "A service msr needs for this request (Spotify) is not answering now; try again later (after `retry_after` seconds, if known)."
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 # %% ../nbs/13_serve.ipynb #a15d3541
 def _missing(value) -> bool:
@@ -135,9 +138,10 @@ class Service:
                  tracks: pd.DataFrame,  # the catalogue: track_id, names and audio features
                  model_version: str = "local",  # shown with every answer and in the log
                  monitor: MonitorLog | None = None,  # where answers are logged (None: nowhere)
+                 spotify_wait: float | None = None,  # seconds a request may wait for Spotify in all (params.yaml's serve.spotify_wait; None: no limit but each call's)
                 ):
         if not hasattr(model, "index_"): raise ValueError(f"{type(model).__name__} is not fitted")
-        self.model, self.model_version, self.monitor = model, model_version, monitor
+        self.model, self.model_version, self.monitor, self.spotify_wait = model, model_version, monitor, spotify_wait
         cols = [tracks[c].astype(object).where(tracks[c].notna(), None) if c in tracks else [None] * len(tracks) for c in CARD_COLUMNS[:2]]
         self.cards = dict(zip(tracks[TRACK_ID], zip(*cols)))  # track_id -> (name, artist): plain dict lookups per answer
         self.profile = AudioProfile(tracks, [c for c in AUDIO_FEATURES if c in tracks])
@@ -156,19 +160,21 @@ def from_files(cls: Service,
 # %% ../nbs/13_serve.ipynb #345d4b84
 def import_link(link: str,  # a Spotify playlist link, URI or id
                 skip=(),  # track ids that need no audio features (the catalogue's)
+                wait: float | None = None,  # seconds the whole import may take (None: only Spotify's per-call limits)
                ) -> ImportedPlaylist:
-    "A Spotify playlist's tracks (`msr.features.playlist_seeds`), with Spotify's refusals as `BadRequest` and its failures as `Unavailable`."
-    try: imported = playlist_seeds(link, skip=skip)
+    "A Spotify playlist's tracks (`msr.features.playlist_seeds`) within `wait`, with Spotify's refusals as `BadRequest` and its failures as `Unavailable`."
+    deadline = None if wait is None else time.monotonic() + wait
+    try: imported = playlist_seeds(link, skip=skip, deadline=deadline)
     except (BadPlaylistLink, NotConfigured, NotPermitted, NotFound) as e: raise BadRequest(str(e)) from None
-    except SpotifyError as e: raise Unavailable(str(e)) from None
+    except SpotifyError as e: raise Unavailable(str(e), getattr(e, "retry_after", None)) from None
     if not len(imported.tracks): raise BadRequest(f"the Spotify playlist has no tracks msr can use: {imported.summary()}")
     return imported
 
 # %% ../nbs/13_serve.ipynb #64c8fd6a
 @patch
 def import_playlist(self: Service, link: str) -> ImportedPlaylist:
-    "A Spotify playlist's tracks for this service's catalogue (`import_link`)."
-    return import_link(link, skip=self.model.index_)
+    "A Spotify playlist's tracks for this service's catalogue, within its `spotify_wait` (`import_link`)."
+    return import_link(link, skip=self.model.index_, wait=self.spotify_wait)
 
 # %% ../nbs/13_serve.ipynb #c8ba0061
 @patch
