@@ -363,3 +363,20 @@ def test_spotify_storm_does_not_starve_seeds(msr_server, seeds, spotify_fake):
     assert sum(body["error_code"] == "BUSY" for _, _, body in results) >= 12  # 4 imports at a time; the rest told at once
     assert took < 10 + 4, took
     assert len(logged(msr_server.db, at_least=before + 10)) == before + 10  # the 503s were not answers
+
+
+def test_client_that_left_is_not_logged(msr_server, seeds, spotify_fake):
+    "A client that gives up before its answer is ready (Spotify slow for 2 s) gets nothing, and nothing is logged as served."
+    fake, _ = spotify_fake
+    slow = "8hEYpjA9oz9GiPac4AsH4n"
+    fake.playlists[slow] = [{"item": {"id": t, "type": "track", "name": "x", "artists": [{"name": "y"}]}} for t in seeds]
+    link = {"dataframe_records": [{"playlist_url": f"https://open.spotify.com/playlist/{slow}"}]}
+    fake.fail(f"/v1/playlists/{slow}/items", ("sleep", 2))
+    before = len(logged(msr_server.db))
+    with pytest.raises(TimeoutError): call(msr_server.url, body=link, timeout=0.5)  # the client hangs up after 0.5 s
+    time.sleep(2.5)  # the import ends, the answer is made, and there is nobody to give it to
+    assert len(logged(msr_server.db)) == before
+    fake.fail(f"/v1/playlists/{slow}/items", ("sleep", 1))
+    status, _, body = call(msr_server.url, body=link)  # the same request, waited for: answered and logged
+    assert status == 200, body
+    assert len(logged(msr_server.db, at_least=before + 1)) == before + 1
