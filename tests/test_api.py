@@ -270,7 +270,7 @@ def strict_server(served_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("strict")
     shutil.copy2(served_project / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((served_project / "params.yaml").read_text())
-    params["serve"].update(header_timeout=1, body_timeout=1, rate=2, burst=3, workers=1)
+    params["serve"].update(header_timeout=1, body_timeout=1, rate=2, burst=3, workers=1, max_connections=2000)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     key = ApiKeys(root / params["serve"]["api_keys"]).add("tester")
     port = free_port()
@@ -298,10 +298,10 @@ def test_api_keys_and_rate_limit(strict_server, seeds):
 
 
 def test_slow_clients_get_408(strict_server):
-    "300 connections that never finish their headers, and one that never finishes its body, are answered 408 and closed."
+    "1,000 connections that never finish their headers, and one that never finishes its body, are answered 408 and closed."
     url, key, _ = strict_server
     port = int(url.rsplit(":", 1)[1])
-    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(1000)]
     for s in slow: s.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and nothing more
     body_late = socket.create_connection(("127.0.0.1", port))
     body_late.sendall(f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\n"
