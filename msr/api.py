@@ -52,7 +52,7 @@ class ServeSettings:
     keep_alive: float  # seconds an idle keep-alive connection stays open
     request_timeout: float  # seconds an answer may take before the client gets 503
     max_pending: int  # requests waiting for a model process; beyond it 503 at once
-    max_connections: int  # open connections; beyond it new requests get 503
+    max_connections: int  # open connections; beyond it a new one gets 503 and is closed
     rate: float  # requests per second one client may make on average (0: no limit)
     burst: int  # requests one client may make at once
     spotify_imports: int  # Spotify playlist imports at the same time; beyond it 503
@@ -640,20 +640,24 @@ async def _send(self: Front, send, reply: Reply):
 def raw_reply(status: int, code: str, message: str) -> bytes:
     "A whole HTTP/1.1 response that closes the connection, for refusals made outside a request cycle."
     body = json.dumps({"error_code": code, "message": message}).encode()
-    phrase = {400: "Bad Request", 408: "Request Timeout"}.get(status, "Error")
+    phrase = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
     return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: {JSON_TYPE}\r\ncontent-length: {len(body)}\r\n"
             f"connection: close\r\n\r\n").encode() + body
 
 class MsrH11(H11Protocol):
-    "uvicorn's h11 protocol with TCP_NODELAY, a header deadline and JSON errors for malformed HTTP."
+    "uvicorn's h11 protocol with TCP_NODELAY, a header deadline, a connection cap and JSON errors for malformed HTTP."
     header_timeout = 10.0  # set per service by `serve`
+    max_connections = 1000
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        self._header_timer = None
+        if len(self.connections) > self.max_connections:  # refused at once, before it can hold anything
+            transport.write(raw_reply(503, "BUSY", f"msr-serve has {self.max_connections} open connections; try again shortly"))
+            transport.close(); return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._header_timer = None
         self._watch_headers()
 
 # %% ../nbs/13b_api.ipynb #d4e2b6a3
@@ -723,9 +727,9 @@ def serve(settings: ServeSettings, model_uri: str = CHAMPION_URI):
     pool = ModelPool(model_uri, settings.workers, settings.max_pending, settings.request_timeout,
                      str(monitor.path) if monitor is not None else None)
     front = Front(settings, pool, keys, monitor)
-    protocol = type("MsrH11", (MsrH11,), {"header_timeout": settings.header_timeout})
+    protocol = type("MsrH11", (MsrH11,), {"header_timeout": settings.header_timeout, "max_connections": settings.max_connections})
     config = uvicorn.Config(front, http=protocol, lifespan="off", ws="none", access_log=False, server_header=False,
-                            timeout_keep_alive=settings.keep_alive, limit_concurrency=settings.max_connections, log_level="warning")
+                            timeout_keep_alive=settings.keep_alive, log_level="warning")
     sock = listen(settings.host, settings.port)
     logging.getLogger(__name__).warning("msr-serve: %s on http://%s:%d with %d model processes%s", pool.info["model_version"],
                                         settings.host, settings.port, settings.workers, ", API keys required" if front.keys_required else "")

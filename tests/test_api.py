@@ -270,7 +270,7 @@ def strict_server(served_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("strict")
     shutil.copy2(served_project / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((served_project / "params.yaml").read_text())
-    params["serve"].update(header_timeout=1, body_timeout=1, rate=2, burst=3, workers=1, max_connections=2000)
+    params["serve"].update(header_timeout=1, body_timeout=1, rate=2, burst=3, workers=1, max_connections=1005)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     key = ApiKeys(root / params["serve"]["api_keys"]).add("tester")
     port = free_port()
@@ -298,7 +298,7 @@ def test_api_keys_and_rate_limit(strict_server, seeds):
 
 
 def test_slow_clients_get_408(strict_server):
-    "1,000 connections that never finish their headers, and one that never finishes its body, are answered 408 and closed."
+    "1,000 connections that never finish their headers, and one that never finishes its body, are answered 408 and closed; connections past the cap get 503 at once."
     url, key, _ = strict_server
     port = int(url.rsplit(":", 1)[1])
     slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(1000)]
@@ -308,6 +308,12 @@ def test_slow_clients_get_408(strict_server):
                       "Content-Length: 100\r\n\r\n{\"data".encode())
     time.sleep(0.3)
     assert call(url, "GET", "/ping")[0] == 200  # others are served meanwhile
+    extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]  # past max_connections (1005)
+    refused = []
+    for s in extra:
+        s.settimeout(5)
+        refused.append(s.recv(4096)); s.close()
+    assert sum(r.startswith(b"HTTP/1.1 503") and b'"BUSY"' in r for r in refused) >= 5, refused
     for s in slow + [body_late]:
         s.settimeout(5)
         answer = b""
