@@ -2,7 +2,7 @@
 #   make run        set up .venv and run the whole pipeline (dvc repro)
 #   make run-offline the same, reading the shipped archive (ingest.offline=true)
 #   make test       set up .venv, check notebooks and library are in sync, ruff, nbdev_test and pytest
-#   make serve      serve the registered champion over REST (MLflow scoring server) on 127.0.0.1
+#   make serve      serve the registered champion over REST (msr-serve) on 127.0.0.1
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`)
 SHELL := /bin/bash
@@ -12,8 +12,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.msr-installed
 export PATH := $(abspath $(BIN)):$(PATH)
 HOST ?= 127.0.0.1
-SERVE_PORT ?= 5001
-SERVE_WORKERS ?= 2
 DASHBOARD_PORT ?= 8866
 
 .PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard
@@ -74,15 +72,11 @@ lab: setup
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
-# The registry's champion behind MLflow's scoring server (uvicorn, found through PATH: .venv/bin is on it).
-# The monitoring log's retention comes from params.yaml's monitor section (the workers do not read it).
-MONITOR_PARAM = $(BIN)/python -c "from msr.core import load_params; print(load_params(section='monitor')['$(1)'])"
-
+# The registry's champion behind msr's strict REST front, msr-serve, configured by params.yaml's serve section
+# (SERVE_HOST, SERVE_PORT, SERVE_WORKERS override it). Beyond loopback it needs API keys: `.venv/bin/msr-keys add NAME`.
 serve: setup
-	MSR_MONITOR_RETENTION_DAYS=$${MSR_MONITOR_RETENTION_DAYS:-$$($(call MONITOR_PARAM,retention_days))} \
-	MSR_MONITOR_MAX_ROWS=$${MSR_MONITOR_MAX_ROWS:-$$($(call MONITOR_PARAM,max_rows))} \
-	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve \
-	  -m models:/msr-recommender@champion --env-manager local -h $(HOST) -p $(SERVE_PORT) -w $(SERVE_WORKERS)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/msr-serve $(if $(SERVE_HOST),--host $(SERVE_HOST)) \
+	  $(if $(SERVE_PORT),--port $(SERVE_PORT)) $(if $(SERVE_WORKERS),--workers $(SERVE_WORKERS))
 
 # The dashboard: code hidden, Jupyter token auth. The token (MSR_DASHBOARD_TOKEN, or a file named by
 # MSR_DASHBOARD_TOKEN_FILE, or a fresh random one) reaches voila through its environment, never its

@@ -30,6 +30,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
+def serves_dashboard() -> bool:
+    "Whether msr-serve is installed and routes the dashboard's requests (msr.catalogue.ROUTES wired into msr.api.ROUTES)."
+    try: from msr.api import ROUTES
+    except ImportError: return False
+    return (BIN / "msr-serve").exists() and ("GET", "/v1/catalogue") in ROUTES
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,7 +104,7 @@ def main():
            "MSR_MONITOR_DB": str(tmp / "served.sqlite"), "MLFLOW_TRACKING_URI": f"sqlite:///{args.project.resolve()}/mlflow.db"}
     api_port, port, token = free_port(), free_port(), secrets.token_urlsafe(16)
     api_url = f"http://127.0.0.1:{api_port}"
-    api_cmd = ([str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"] if (BIN / "msr-serve").exists()
+    api_cmd = ([str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"] if serves_dashboard()
                else [str(BIN / "python"), str(ROOT / "tests/api_standin.py"), "--port", str(api_port)])
     t0 = time.perf_counter()
     api = start(api_cmd, env, args.project, lambda: urllib.request.urlopen(api_url + "/health", timeout=2), tmp / "api.log")

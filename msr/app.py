@@ -77,7 +77,8 @@ def dashboard_params() -> dict:
 def from_env(cls: Api) -> Api:
     "The client of the service named by `MSR_API_URL` (else params.yaml's dashboard.api_url), keyed by `MSR_API_KEY`."
     params = dashboard_params()
-    return cls(os.environ.get("MSR_API_URL") or params["api_url"], os.environ.get("MSR_API_KEY"),
+    url = os.environ.get("MSR_API_URL") or params["api_url"] or f"http://127.0.0.1:{load_params(project_root() / 'params.yaml', 'serve')['port']}"
+    return cls(url, os.environ.get("MSR_API_KEY"),
                float(os.environ.get("MSR_API_TIMEOUT") or params["api_timeout"]))
 
 # %% ../nbs/14_app.ipynb #d4dfd25d

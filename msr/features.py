@@ -92,7 +92,8 @@ def _provider(self: FeatureChain, ids: list[str]) -> pd.DataFrame:
 
 @patch
 def _provider_get(self: FeatureChain, batch: list[str]):
-    r = self.session.get(f"{self.provider_url}/v1/audio-features", params={"ids": ",".join(batch)}, timeout=self.caller.settings.timeout)
+    r = self.session.get(f"{self.provider_url}/v1/audio-features", params={"ids": ",".join(batch)},
+                         timeout=self.caller.request_timeout)  # the settings' timeouts, cut to the time the caller has left
     r.raise_for_status()
     try: return r.json()
     except ValueError: return None  # malformed: retried, then SpotifyUnavailable
@@ -118,6 +119,7 @@ DEFAULT_USER = "me"
 def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySettings | None = None,
                    skip=(),  # track ids that need no audio features (the catalogue's)
                    features: bool = True,  # ask the feature chain (provider, then Spotify) for the other tracks' audio features
+                   deadline: float | None = None,  # `time.monotonic()` time by which the whole import is over (None: per-call limits only)
                   ) -> ImportedPlaylist:
     "The tracks of a Spotify playlist as records, read as the logged-in `user`, with audio features where the chain has them; `NotConfigured` saying what to do if msr cannot log in."
     pid = parse_playlist_id(link)  # a bad link is refused before anything else
@@ -133,10 +135,10 @@ def playlist_seeds(link: str, user: str = DEFAULT_USER, settings: SpotifySetting
     if missing:
         raise NotConfigured(f"the Spotify login of '{user}' lacks the permission(s) msr asks for ({', '.join(sorted(missing))}): "
                             "run `msr-spotify login` again")
-    client = user_client(user, settings)
-    imported = import_playlist(client, pid, Caller(settings))
+    client, caller = user_client(user, settings), Caller(settings, deadline=deadline)
+    imported = import_playlist(client, pid, caller)
     if features and len(imported.tracks):
-        imported.add_features(FeatureChain(provider_url=settings.features_url, spotify=client, caller=Caller(settings)), skip)
+        imported.add_features(FeatureChain(provider_url=settings.features_url, spotify=client, caller=caller), skip)
     return imported
 
 # %% ../nbs/15a_features.ipynb #cf9692e9

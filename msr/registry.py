@@ -5,6 +5,7 @@
 # %% ../nbs/13a_registry.ipynb #4e98812c
 from __future__ import annotations
 
+import logging
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 from pathlib import Path
@@ -17,7 +18,7 @@ from fastcore.xtras import modified_env
 from mlflow.exceptions import MlflowException
 
 import msr
-from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, read_json
+from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, load_params, project_root, read_json
 from .monitor import open_monitor
 from .recommend import MODEL_FORMAT
 from .seeds import RECORD_FIELDS
@@ -26,7 +27,7 @@ from .tracking import setup_mlflow, stage_run
 
 # %% auto #0
 __all__ = ['MODEL_NAME', 'CHAMPION', 'CHALLENGER', 'OUTPUT_COLUMNS', 'REQUIREMENTS', 'EXAMPLE_RECORD', 'signature', 'MsrModel',
-           'pinned_requirements', 'log_version', 'decide', 'promotion', 'register']
+           'answer_records', 'pinned_requirements', 'log_version', 'decide', 'promotion', 'register']
 
 # %% ../nbs/13a_registry.ipynb #e39bdf2a
 MODEL_NAME = "msr-recommender"  # the registered model
@@ -62,13 +63,22 @@ def _version_label(artifact: str | Path) -> str:
     except Exception: pass  # no registry reachable: the run id still identifies the model
     return f"run {run_id[:8]}"
 
+# %% ../nbs/13a_registry.ipynb #7583bc4f
+def _spotify_wait() -> float | None:
+    "params.yaml's serve.spotify_wait from the project the server runs in; None (and a warning) with no such setting."
+    try: return float(load_params(project_root() / "params.yaml", "serve")["spotify_wait"])
+    except (FileNotFoundError, KeyError) as e:
+        logging.getLogger(__name__).warning("no serve.spotify_wait in a project's params.yaml (%s): a request's Spotify wait "
+                                            "is bounded only per call", e)
+        return None
+
 # %% ../nbs/13a_registry.ipynb #a15695da
 class MsrModel(mlflow.pyfunc.PythonModel):
     "msr's recommender as an MLflow pyfunc model: rows of (seeds, tracks, playlist_url, k) in, ranked tracks out."
     def load_context(self, context):
         self.service = Service.from_files(context.artifacts["recommender"], context.artifacts["tracks"],
                                           model_version=_version_label(context.artifacts["recommender"]),
-                                          monitor=open_monitor())
+                                          monitor=open_monitor(), spotify_wait=_spotify_wait())
 
 # %% ../nbs/13a_registry.ipynb #4bcf4f1f
 def _answer(service: Service, i: int, row: dict, many: bool):
@@ -80,6 +90,11 @@ def _answer(service: Service, i: int, row: dict, many: bool):
         from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
         raise MlflowException(f"query {i}: {e}" if many else str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
 
+def answer_records(answers: list) -> list[dict]:
+    "One record per recommended track (OUTPUT_COLUMNS), query by query: what the REST services answer."
+    return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version, "seeds_known": len(a.seeds),
+             "seeds_foreign": a.foreign, "seeds_with_features": a.with_features} for i, a in enumerate(answers) for r in a.rows]
+
 @patch
 def predict(self: MsrModel, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
     "One record per recommended track (OUTPUT_COLUMNS), query by query; HTTP 400 with the reason for a bad request."
@@ -89,8 +104,7 @@ def predict(self: MsrModel, context, model_input: pd.DataFrame, params: dict | N
         raise MlflowException.invalid_parameter_value(f"too many queries in one request: {len(df)} (at most {MAX_QUERIES})")
     answers = [_answer(self.service, i, row, len(df) > 1) for i, row in enumerate(df.to_dict("records"))]
     for a in answers: self.service.log(a, "rest")
-    return [{"query": i, **r, "genre": a.genre, "model_version": a.model_version, "seeds_known": len(a.seeds),
-             "seeds_foreign": a.foreign, "seeds_with_features": a.with_features} for i, a in enumerate(answers) for r in a.rows]
+    return answer_records(answers)
 
 # %% ../nbs/13a_registry.ipynb #e38681cc
 REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml"]

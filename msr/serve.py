@@ -22,7 +22,7 @@ from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound,
 
 # %% auto #0
 __all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'CARD_COLUMNS', 'RESULT_COLUMNS', 'BadRequest', 'Unavailable',
-           'parse_seeds', 'parse_tracks', 'parse_k', 'spotify_url', 'Answer', 'Service']
+           'parse_seeds', 'parse_tracks', 'parse_k', 'spotify_url', 'Answer', 'Service', 'import_link']
 
 # %% ../nbs/13_serve.ipynb #b46e1eee
 DEFAULT_K = 20  # results when a request gives no k
@@ -34,7 +34,10 @@ class BadRequest(ValueError):
     "A request msr cannot answer; the message names the problem."
 
 class Unavailable(RuntimeError):
-    "A service msr needs for this request (Spotify) is not answering now; try again later."
+    "A service msr needs for this request (Spotify) is not answering now; try again later (after `retry_after` seconds, if known)."
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 # %% ../nbs/13_serve.ipynb #a15d3541
 def _missing(value) -> bool:
@@ -135,9 +138,10 @@ class Service:
                  tracks: pd.DataFrame,  # the catalogue: track_id, names and audio features
                  model_version: str = "local",  # shown with every answer and in the log
                  monitor: MonitorLog | None = None,  # where answers are logged (None: nowhere)
+                 spotify_wait: float | None = None,  # seconds a request may wait for Spotify in all (params.yaml's serve.spotify_wait; None: no limit but each call's)
                 ):
         if not hasattr(model, "index_"): raise ValueError(f"{type(model).__name__} is not fitted")
-        self.model, self.model_version, self.monitor = model, model_version, monitor
+        self.model, self.model_version, self.monitor, self.spotify_wait = model, model_version, monitor, spotify_wait
         cols = [tracks[c].astype(object).where(tracks[c].notna(), None) if c in tracks else [None] * len(tracks) for c in CARD_COLUMNS[:2]]
         self.cards = dict(zip(tracks[TRACK_ID], zip(*cols)))  # track_id -> (name, artist): plain dict lookups per answer
         self.profile = AudioProfile(tracks, [c for c in AUDIO_FEATURES if c in tracks])
@@ -153,24 +157,35 @@ def from_files(cls: Service,
         if not p.exists(): raise FileNotFoundError(f"{p} not found: build it with `make run` (dvc repro)")
     return cls(load_recommender(model_path), pd.read_parquet(tracks_path), **kwargs)
 
-# %% ../nbs/13_serve.ipynb #64c8fd6a
-@patch
-def import_playlist(self: Service, link: str) -> ImportedPlaylist:
-    "A Spotify playlist's tracks (`msr.spotify.playlist_seeds`), with Spotify's refusals as `BadRequest`."
-    try: imported = playlist_seeds(link, skip=self.model.index_)
+# %% ../nbs/13_serve.ipynb #345d4b84
+def import_link(link: str,  # a Spotify playlist link, URI or id
+                skip=(),  # track ids that need no audio features (the catalogue's)
+                wait: float | None = None,  # seconds the whole import may take (None: only Spotify's per-call limits)
+               ) -> ImportedPlaylist:
+    "A Spotify playlist's tracks (`msr.features.playlist_seeds`) within `wait`, with Spotify's refusals as `BadRequest` and its failures as `Unavailable`."
+    deadline = None if wait is None else time.monotonic() + wait
+    try: imported = playlist_seeds(link, skip=skip, deadline=deadline)
     except (BadPlaylistLink, NotConfigured, NotPermitted, NotFound) as e: raise BadRequest(str(e)) from None
-    except SpotifyError as e: raise Unavailable(str(e)) from None
+    except SpotifyError as e: raise Unavailable(str(e), getattr(e, "retry_after", None)) from None
     if not len(imported.tracks): raise BadRequest(f"the Spotify playlist has no tracks msr can use: {imported.summary()}")
     return imported
 
+# %% ../nbs/13_serve.ipynb #64c8fd6a
+@patch
+def import_playlist(self: Service, link: str) -> ImportedPlaylist:
+    "A Spotify playlist's tracks for this service's catalogue, within its `spotify_wait` (`import_link`)."
+    return import_link(link, skip=self.model.index_, wait=self.spotify_wait)
+
 # %% ../nbs/13_serve.ipynb #c8ba0061
 @patch
-def _read_request(self: Service, seeds, playlist_url, tracks) -> tuple:
+def _read_request(self: Service, seeds, playlist_url, tracks,
+                  imported: ImportedPlaylist | None = None,  # a playlist already imported for this request (msr.api does that itself)
+                 ) -> tuple:
     "(the imported playlist or None, the seed ids, the track records) of a request, or `BadRequest`."
-    imported, records = None, parse_tracks(tracks)
-    if isinstance(playlist_url, str) and playlist_url.strip():
+    records = parse_tracks(tracks)
+    if imported is None and isinstance(playlist_url, str) and playlist_url.strip():
         imported = self.import_playlist(playlist_url)
-    elif not _missing(playlist_url):
+    elif imported is None and not _missing(playlist_url):
         raise BadRequest(f"'playlist_url' must be a Spotify playlist link, got {type(playlist_url).__name__}")
     if (records or imported) and (_missing(seeds) or (isinstance(seeds, (list, tuple, np.ndarray)) and len(seeds) == 0)):
         seeds = []  # ids are optional beside records or a playlist link
@@ -209,10 +224,11 @@ def recommend(self: Service, seeds=None, k=DEFAULT_K, source: str = "api",  # wh
               log: bool = True,  # append the answer to the monitoring log now
               playlist_url: str | None = None,  # a Spotify playlist whose tracks are the seeds (with `seeds`, if any)
               tracks: list | None = None,  # track records (msr.seeds): songs described by name, artist, album, date, audio
+              imported: ImportedPlaylist | None = None,  # instead of `playlist_url`: a playlist already imported (`import_link`)
              ) -> Answer:
     "Up to `k` tracks that continue the playlist; `BadRequest` for anything msr cannot answer, `Unavailable` if Spotify is down."
     t0 = time.perf_counter()
-    imported, seeds, records = self._read_request(seeds, playlist_url, tracks)
+    imported, seeds, records = self._read_request(seeds, playlist_url, tracks, imported)
     k = parse_k(k)
     q = self._query((imported.records() if imported else []) + seeds + records, imported)
     t = self.model.recommend_explained(q, k)  # a baseline answers with NaN scores and no reasons

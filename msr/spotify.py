@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,14 +51,17 @@ class NotPermitted(SpotifyError):
 class NotFound(SpotifyError):
     "HTTP 404: no such playlist, or one of Spotify's editorial playlists, which new apps cannot read."
 
-class RateLimited(SpotifyError):
-    "HTTP 429 beyond what msr is willing to wait; `retry_after` says how long Spotify asked for (s)."
+class _Later(SpotifyError):
+    "A failure that may pass; `retry_after` says in how many seconds to ask again (None: unknown)."
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
 
-class SpotifyUnavailable(SpotifyError):
-    "Spotify (or a features provider) kept failing: 5xx, timeouts, refused connections or malformed answers."
+class RateLimited(_Later):
+    "HTTP 429 beyond what msr is willing (or has the time) to wait; `retry_after` says how long Spotify asked for (s)."
+
+class SpotifyUnavailable(_Later):
+    "Spotify (or a features provider) kept failing, or msr ran out of time: 5xx, timeouts, refused connections or malformed answers."
 
 # %% ../nbs/15_spotify.ipynb #d91eb94a
 _ID = r"[0-9A-Za-z]{22}"
@@ -194,42 +199,89 @@ def _refused(status: int | None, what: str) -> SpotifyError | None:
     return None
 
 # %% ../nbs/15_spotify.ipynb #5738b0ec
-def _gave_up(e: Exception, status: int | None, headers: dict, what: str, tried: str) -> SpotifyError:
-    "The error for a call that kept failing with `e` until the retry budget ran out."
-    if status == 429: return RateLimited(f"Spotify kept rate-limiting msr for {what} {tried}; try again later", retry_after(headers))
+def _gave_up(e: Exception, status: int | None, headers: dict, what: str, tried: str,
+             hint: float | None = None,  # seconds to suggest when Spotify named none
+            ) -> SpotifyError:
+    "The error for a call that kept failing with `e` until the retry budget (or the time) ran out."
+    after = retry_after(headers)
+    after = hint if after is None else after
+    if status == 429: return RateLimited(f"Spotify kept rate-limiting msr for {what} {tried}; try again later", after)
     cause = (f"HTTP {status}" if status else "timed out" if isinstance(e, requests.Timeout) else
              "a malformed answer" if isinstance(e, _Malformed) else "connection failed")
-    return SpotifyUnavailable(f"Spotify did not answer {what} ({cause}) {tried}; try again later")
+    return SpotifyUnavailable(f"Spotify did not answer {what} ({cause}) {tried}; try again later", after)
 
 # %% ../nbs/15_spotify.ipynb #ce20e79d
+_MIN_TRY = 0.05  # seconds: with less than this left before the deadline, msr asks no more
+
 class Caller:
     "Calls Spotify (or a features provider) with msr's bounded retry, turning failures into typed errors."
     def __init__(self, settings: SpotifySettings | None = None,
                  sleep: Callable[[float], None] = time.sleep,  # injectable for tests
-                 seed: int | None = None):
+                 seed: int | None = None,
+                 deadline: float | None = None,  # `clock()` time by which every call through this Caller is over (None: none)
+                 clock: Callable[[], float] = time.monotonic,  # injectable for tests
+                ):
         self.settings = settings or SpotifySettings()
-        self.sleep, self.rng = sleep, random.Random(seed)
+        self.sleep, self.rng, self.deadline, self.clock = sleep, random.Random(seed), deadline, clock
+
+# %% ../nbs/15_spotify.ipynb #a39d3652
+@patch(as_prop=True)
+def left(self: Caller) -> float:
+    "Seconds until the deadline (infinity without one)."
+    return math.inf if self.deadline is None else self.deadline - self.clock()
+
+# %% ../nbs/15_spotify.ipynb #25e92c3b
+def _cut(timeout, left: float):
+    "A requests timeout (seconds, a (connect, read) pair or None) cut to `left` seconds."
+    if math.isinf(left): return timeout
+    left = max(left, _MIN_TRY)
+    if isinstance(timeout, (tuple, list)): return tuple(left if t is None else min(t, left) for t in timeout)
+    return left if timeout is None else min(timeout, left)
+
+# %% ../nbs/15_spotify.ipynb #692e12b1
+@patch(as_prop=True)
+def request_timeout(self: Caller):
+    "The settings' (connect, read) timeouts cut to the time left: what the next HTTP request may wait."
+    return _cut(self.settings.timeout, self.left)
+
+# %% ../nbs/15_spotify.ipynb #60f5ae09
+@contextmanager
+def _timeouts_cut(fn: Callable, left: float):
+    "While `fn` runs: the timeouts of the spotipy client it is a method of, and of its auth manager, cut to `left` seconds."
+    owner = getattr(fn, "__self__", None)
+    held = [o for o in (owner, getattr(owner, "auth_manager", None)) if o is not None and hasattr(o, "requests_timeout")]
+    held = held if not math.isinf(left) else []  # no deadline: nothing to cut
+    saved = [o.requests_timeout for o in held]
+    for o in held: o.requests_timeout = _cut(o.requests_timeout, left)
+    try: yield
+    finally:
+        for o, t in zip(held, saved): o.requests_timeout = t
 
 # %% ../nbs/15_spotify.ipynb #33095548
 @patch
 def _delay(self: Caller, status: int | None, headers: dict, attempt: int, what: str) -> float:
-    "Seconds to wait before retry `attempt + 1`; `RateLimited` if Spotify asks for longer than msr waits."
+    "Seconds to wait before retry `attempt + 1`; `RateLimited` if Spotify asks for longer than msr waits or has time left for."
     asked = retry_after(headers) if status == 429 else None
     if asked is not None and asked > self.settings.max_retry_after:
         raise RateLimited(f"Spotify rate-limits msr for {what}: it asks to wait {asked:.0f} s, longer than "
                           f"msr waits ({self.settings.max_retry_after:.0f} s); try again later", asked) from None
+    if asked is not None and asked > self.left - _MIN_TRY:
+        raise RateLimited(f"Spotify rate-limits msr for {what}: it asks to wait {asked:.0f} s, longer than the "
+                          f"{max(self.left, 0):.1f} s msr has left for it; try again later", asked) from None
     return asked if asked is not None else min(self.settings.backoff * 2 ** attempt, 30.0) * (0.5 + self.rng.random())
 
 # %% ../nbs/15_spotify.ipynb #919fac29
 @patch
 def __call__(self: Caller, fn: Callable, *args, what: str = "Spotify", **kwargs):
-    "`fn(*args, **kwargs)`, retried on 429/5xx/timeouts/malformed answers within the budget; `what` names the thing asked for."
+    "`fn(*args, **kwargs)`, retried on 429/5xx/timeouts/malformed answers within the budget and the deadline; `what` names the thing asked for."
     from spotipy.exceptions import SpotifyException
     from spotipy.oauth2 import SpotifyOauthError
     waited, attempt = 0.0, 0
     while True:
+        if self.left < _MIN_TRY:  # earlier calls took the time
+            raise SpotifyUnavailable(f"msr had no time left to ask for {what}; try again later", 1.0)
         try:
-            result = fn(*args, **kwargs)
+            with _timeouts_cut(fn, self.left): result = fn(*args, **kwargs)
             if result is None: raise _Malformed()
             return result
         except SpotifyOauthError as e:
@@ -242,6 +294,9 @@ def __call__(self: Caller, fn: Callable, *args, what: str = "Spotify", **kwargs)
             delay = self._delay(status, headers, attempt, what)
             if attempt >= self.settings.max_retries or waited + delay > self.settings.max_wait:
                 raise _gave_up(e, status, headers, what, f"after {attempt + 1} attempts and {waited:.1f} s of waiting") from None
+            if delay > self.left - _MIN_TRY:  # no sleep past the deadline
+                raise _gave_up(e, status, headers, what, f"after {attempt + 1} attempts, with no time left before msr's deadline",
+                               max(delay, 1.0)) from None
             self.sleep(delay)
             waited += delay; attempt += 1
 

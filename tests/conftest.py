@@ -238,3 +238,24 @@ def all_text(project: Path) -> str:
     for path in [*project.glob("outputs/**/*"), *project.glob("mlartifacts/**/*"), project / "mlflow.db"]:
         if path.is_file(): chunks.append(path.read_bytes().decode("utf-8", "replace"))
     return "\n".join(chunks)
+
+
+class Served:
+    "A running msr-serve: its URL, monitoring log, process and server log."
+    def __init__(self, url: str, db: Path, proc, log: Path):
+        self.url, self.db, self.proc, self.log = url, db, proc, log
+
+
+@pytest.fixture(scope="session")
+def msr_server(served_project, tmp_path_factory, spotify_fake) -> Served:
+    """`msr-serve` (what `make serve` runs) over `served_project`'s champion on 127.0.0.1, one per test session, with
+    Spotify configured against the fake, a person logged in, no rate limit (tests send bursts) and its monitoring log
+    in a folder of its own (the fault tests delete it)."""
+    logs = tmp_path_factory.mktemp("msr-serve")
+    port, url = free_port(), spotify_fake[1]
+    db = logs / "monitor" / "served.sqlite"
+    env = {**served_env(served_project, db), **spotify_env(url, logs / "spotify-tokens")}
+    proc = start_server([str(BIN / "msr-serve"), "--port", str(port), "--rate", "0"], served_project, env,
+                        f"http://127.0.0.1:{port}/ping", logs / "server.log")
+    try: yield Served(f"http://127.0.0.1:{port}", db, proc, logs / "server.log")
+    finally: stop_server(proc)

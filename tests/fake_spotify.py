@@ -34,6 +34,8 @@ class Fake:
         self.search_results: dict[str, list] = {}  # query -> track objects
 
     def fail(self, path: str, *answers):
+        """Answer the next requests of `path` with `answers` in turn: (status, headers, body), e.g.
+        (429, {"Retry-After": "25"}, None) for a rate limit, or ("sleep", seconds) to hang that long, then answer as usual."""
         self.failures.setdefault(path, []).extend(answers)
 
 
@@ -123,9 +125,16 @@ class Handler(BaseHTTPRequestHandler):
         return self.send(404, {"error": {"status": 404, "message": "Service not found"}})
 
 
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        "A client that gave up on a hanging answer (a 'sleep' failure) is no error: only other errors are printed."
+        import sys
+        if not isinstance(sys.exc_info()[1], ConnectionError): super().handle_error(request, client_address)
+
+
 def serve(roles=("api", "token", "provider")):
     "Start the fake on a free port; returns (server, base_url). `server.fake` holds the state."
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = Server(("127.0.0.1", 0), Handler)
     server.fake, server.roles, server.daemon_threads = Fake(), set(roles), True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"

@@ -31,9 +31,16 @@ if not CHROMIUM.exists():
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
 
+def serves_dashboard() -> bool:
+    "Whether msr-serve is installed and routes the dashboard's requests (msr.catalogue.ROUTES wired into msr.api.ROUTES)."
+    try: from msr.api import ROUTES
+    except ImportError: return False
+    return (BIN / "msr-serve").exists() and ("GET", "/v1/catalogue") in ROUTES
+
+
 def api_command(port: int) -> list[str]:
     "msr's REST service as `make serve` runs it (msr-serve), or the stand-in of tests/api_standin.py while msr-serve is not there."
-    if (BIN / "msr-serve").exists(): return [str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if serves_dashboard(): return [str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     return [str(BIN / "python"), str(ROOT / "tests/api_standin.py"), "--port", str(port)]
 
 

@@ -1,4 +1,4 @@
-"""The registered champion behind the real MLflow scoring server (`mlflow models serve`), over real HTTP."""
+"""The registered champion over real HTTP: behind `msr-serve` (what `make serve` runs), and as a pyfunc model under `mlflow models serve`."""
 from __future__ import annotations
 
 import json
@@ -11,22 +11,33 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from conftest import BIN, foreign_playlist, free_port, served_env, spotify_env, start_server, stop_server
+from conftest import BIN, foreign_playlist, free_port, served_env, start_server, stop_server
 from msr.core import AUDIO_FEATURES
 
 
 @pytest.fixture(scope="module")
-def server(served_project, tmp_path_factory, spotify_fake):
-    """`mlflow models serve -m models:/msr-recommender@champion --env-manager local` on 127.0.0.1, as `make serve` runs it,
-    with Spotify configured against the fake and a person logged in (their token in a private cache file)."""
-    logs = tmp_path_factory.mktemp("serve")
+def server(msr_server):
+    "The session's `msr-serve` (conftest): (base URL, monitoring log)."
+    return msr_server.url, msr_server.db
+
+
+def test_pyfunc_model_under_mlflow_models_serve(served_project, tmp_path):
+    """The registered model stays an MLflow pyfunc model that `mlflow models serve` (and so `build-docker`) can run:
+    its input example answers, and a bad request is refused, through MLflow's own scoring server."""
     port = free_port()
-    fake, url = spotify_fake
-    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(url, logs / "spotify-tokens")}
     proc = start_server([str(BIN / "mlflow"), "models", "serve", "-m", "models:/msr-recommender@champion",
                          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                        served_project, env, f"http://127.0.0.1:{port}/ping", logs / "server.log")
-    try: yield f"http://127.0.0.1:{port}", logs / "served.sqlite"
+                        served_project, served_env(served_project, tmp_path / "served.sqlite"), f"http://127.0.0.1:{port}/ping",
+                        tmp_path / "server.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        example = next((served_project / "mlartifacts").rglob("serving_input_example.json"))
+        status, body = post(url, json.loads(example.read_text()))
+        assert status == 200 and len(body["predictions"]) == 10, body
+        seeds, _ = playlist_seeds(served_project)
+        status, body = post(url, {"dataframe_records": [{"seeds": seeds, "k": 5}, {"seeds": ["0" * 22], "k": 5}]})
+        assert status == 400 and "query 1: none of the 1 seed" in body["message"], body
+        assert len(logged(tmp_path / "served.sqlite", at_least=1)) == 1  # the pyfunc model logs its answers itself
     finally: stop_server(proc)
 
 
@@ -82,7 +93,7 @@ def test_playlist_queries(server, served_project):
     url, db = server
     before = len(logged(db))
     seeds, rest = playlist_seeds(served_project)
-    status, body = post(url, {"dataframe_records": [{"seeds": seeds, "k": 25}, {"seeds": seeds[:2] + ["not-a-track"], "k": 7}]})
+    status, body = post(url, {"dataframe_records": [{"seeds": seeds, "k": 25}, {"seeds": seeds[:2] + ["0" * 22], "k": 7}]})
     assert status == 200, body
     rows = pd.DataFrame(body["predictions"])
     assert rows.groupby("query").size().tolist() == [25, 7]
@@ -100,17 +111,17 @@ def test_playlist_queries(server, served_project):
 
 
 BAD = [
-    ({"dataframe_records": [{"k": 5}]}, 400, "'seeds' is missing"),
-    ({"dataframe_records": [{"seeds": ["x"], "k": "ten"}]}, 400, "column k"),
-    ({"dataframe_records": [{"seeds": "5ZULALImTm80tzUbYQYM9d", "k": 5}]}, 400, "column seeds"),
-    ({"dataframe_records": [{"seeds": ["not-a-track", "nor-this"], "k": 5}]}, 400, "none of the 2 seed track ids is in msr's catalogue"),
-    ({"dataframe_records": [{"seeds": ["SEED"], "k": 0}]}, 400, "k must be between 1 and 500, got 0"),
-    ({"dataframe_records": [{"seeds": ["SEED"], "k": 501}]}, 400, "k must be between 1 and 500, got 501"),
+    ({"dataframe_records": [{"k": 5}]}, 400, "give 'seeds'"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": "ten"}]}, 400, "'k' must be an integer from 1 to 500, got \"ten\""),
+    ({"dataframe_records": [{"seeds": "5ZULALImTm80tzUbYQYM9d", "k": 5}]}, 400, "'seeds' must be a list"),
+    ({"dataframe_records": [{"seeds": ["0" * 22, "1" * 22], "k": 5}]}, 400, "none of the 2 seed track ids is in msr's catalogue"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 0}]}, 400, "'k' must be from 1 to 500, got 0"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 501}]}, 400, "'k' must be from 1 to 500, got 501"),
     ({"dataframe_records": [{"seeds": ["SEED"] * 1001, "k": 5}]}, 400, "too many seeds: 1001"),
     ({"dataframe_records": [{"seeds": ["SEED"], "k": 5}] * 65}, 400, "too many queries in one request: 65"),
-    ({"dataframe_records": [{"seeds": ["SEED"], "k": 5}, {"seeds": ["nope"], "k": 5}]}, 400, "query 1: none of the 1 seed"),
+    ({"dataframe_records": [{"seeds": ["SEED"], "k": 5}, {"seeds": ["0" * 22], "k": 5}]}, 400, "row 1: none of the 1 seed"),
     (b'{"dataframe_records": [{"seeds": [', 400, "valid JSON"),
-    ({"records": []}, 400, "dataframe_records"),
+    ({"records": []}, 400, "exactly one of dataframe_records"),
 ]
 
 
@@ -133,7 +144,7 @@ def test_bad_request_names_the_problem(server, served_project, body, status, mes
 def test_wrong_content_type(server):
     url, _ = server
     status, answer = post(url, b"seeds=x", content_type="application/x-www-form-urlencoded")
-    assert status == 415 and "content types" in answer
+    assert status == 415 and "send the body as application/json" in answer["message"], answer
 
 
 PID, NOT_MINE, EDITORIAL, DOWN = "3cEYpjA9oz9GiPac4AsH4n", "4dEYpjA9oz9GiPac4AsH4n", "37i9dQZF1DXcBWIGoYBM5M", "5eEYpjA9oz9GiPac4AsH4n"
@@ -187,7 +198,7 @@ def test_track_records_in_a_request(server, served_project):
     assert (first["seeds_known"].iat[0], first["seeds_foreign"].iat[0], first["seeds_with_features"].iat[0]) == (2, 12, 12)
     assert not set(first["track_id"]) & set(seeds)
     assert set(first["track_id"]) & set(rest), "none of the playlist's other tracks among 20 recommendations"
-    for bad, message in [([{"artist": "x"}], "'artist'"),
+    for bad, message in [([{"artist": "x"}], 'unknown field "artist"'),
                          ([{"track_name": "Lonely", "track_artist": "Nobody Anyone Knows"}], "carry nothing msr can use")]:
         status, body = post(url, {"dataframe_records": [{"tracks": bad}]})
         assert status == 400 and message in body["message"], body

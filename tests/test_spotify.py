@@ -251,3 +251,73 @@ def test_a_login_without_every_scope_never_prompts(spotify):
     with pytest.raises(NotConfigured, match="run `msr-spotify login` again"):
         import_playlist(user_client("bob", settings), PID, call)
     assert not [p for m, p in fake.requests if p.startswith(f"/v1/playlists/{PID}")]  # nothing was asked with the old token
+
+
+@pytest.fixture()
+def served(tmp_path, monkeypatch):
+    """(fake state, a `Service` whose Spotify is the fake, with a person logged in): the server's own path through
+    `SpotifySettings.from_env` and msr's default limits (read timeout 15 s, Retry-After up to 30 s), a toy catalogue."""
+    from conftest import spotify_env
+    from msr.baselines import PopularityRecommender
+    from msr.serve import Service
+    from msr.testing import toy_world
+    server, url = serve()
+    for k, v in spotify_env(url, tmp_path / "tokens").items(): monkeypatch.setenv(k, v)
+    tracks, pt = toy_world()
+    server.fake.playlists[PID] = [{"item": track(i)} for i in range(120)]  # three pages, none in the catalogue
+    server.fake.features_provider = {f"{i:022d}": {c: 0.5 for c in AUDIO_FEATURES} for i in range(120)}
+    try: yield server.fake, Service(PopularityRecommender().fit(tracks, pt), tracks, spotify_wait=2)
+    finally: server.shutdown(); server.server_close()
+
+
+def timed(fn) -> tuple[object, float]:
+    "(what `fn()` returned or raised, seconds it took)."
+    t0 = time.monotonic()
+    try: out = fn()
+    except Exception as e: out = e
+    return out, time.monotonic() - t0
+
+
+def test_served_import_within_the_wait(served):
+    "Nothing in the way: all three pages and the provider's features, well within the wait."
+    _, service = served
+    got, took = timed(lambda: service.import_playlist(PID))
+    assert len(got.tracks) == 120 and got.features["provider"] == 120 and took < 1, (got, took)
+
+
+@pytest.mark.parametrize("answers,retry_after", [
+    ([(429, {"Retry-After": "25"}, None)], 25.0),  # longer than the wait: given up at once, Spotify's wait handed on
+    ([(429, {"Retry-After": "1.5"}, None)] * 5, 1.5),  # waited for once, then no time is left for a second wait
+], ids=["retry-after-25", "storm-of-1.5"])
+def test_served_rate_limit_gives_up_within_the_wait(served, answers, retry_after):
+    from msr.serve import Unavailable
+    fake, service = served
+    fake.fail(f"/v1/playlists/{PID}/items", *answers)
+    err, took = timed(lambda: service.import_playlist(PID))
+    assert isinstance(err, Unavailable) and err.retry_after == retry_after, err
+    assert took <= service.spotify_wait + 1, took
+    assert "rate-limit" in str(err)
+
+
+@pytest.mark.parametrize("hang", ["pages", "provider"])
+def test_served_hang_is_cut_at_the_wait(served, hang):
+    "A Spotify (or provider) that hangs for 10 s, with a read timeout of 15 s: each request's timeout is cut to the time left."
+    from msr.serve import Unavailable
+    fake, service = served
+    assert SpotifySettings.from_env().read_timeout > 10  # the settings alone would wait out the hang
+    if hang == "pages":
+        fake.fail(f"/v1/playlists/{PID}/items", ("sleep", 0.2), ("sleep", 10))  # the second page hangs
+        err, took = timed(lambda: service.import_playlist(PID))
+        assert isinstance(err, Unavailable) and "timed out" in str(err) and err.retry_after >= 1, err
+    else:  # a provider that hangs costs the tracks their features, not the answer
+        fake.fail("/v1/audio-features", ("sleep", 10))
+        got, took = timed(lambda: service.import_playlist(PID))
+        assert len(got.tracks) == 120 and got.features["provider"] == 0 and "no time left" in got.features["disabled"]["provider"], got
+    assert service.spotify_wait - 0.1 <= took <= service.spotify_wait + 0.5, took
+
+
+def test_served_short_retry_after_is_waited_for(served):
+    fake, service = served
+    fake.fail(f"/v1/playlists/{PID}/items", (429, {"Retry-After": "1"}, None))
+    got, took = timed(lambda: service.import_playlist(PID))
+    assert len(got.tracks) == 120 and 1 <= took < service.spotify_wait, (got, took)
