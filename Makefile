@@ -81,18 +81,18 @@ serve: setup
 # The dashboard: code hidden, Jupyter token auth. The token (MSR_DASHBOARD_TOKEN, or a file named by
 # MSR_DASHBOARD_TOKEN_FILE, or a fresh random one) reaches voila through its environment, never its
 # command line, which any local user can read in /proc. Its pages hold no model: they ask the REST service
-# (MSR_API_URL, default http://127.0.0.1:$(SERVE_PORT)), started here (`make serve`) when it does not answer
+# (MSR_API_URL, default http://127.0.0.1:<SERVE_PORT, else params.yaml's serve.port>), started here (`make serve`) when it does not answer
 # /health and msr-serve is installed, and stopped with the dashboard. msr.pages limits the open pages and
 # culls their kernels (params.yaml's dashboard section).
-DASHBOARD_API = $${MSR_API_URL:-http://127.0.0.1:$(SERVE_PORT)}
+DASHBOARD_API = $${MSR_API_URL:-http://127.0.0.1:$(or $(SERVE_PORT),$$($(BIN)/python -c "from msr.core import load_params; print(load_params(section='serve')['port'])"))}
 API_HEALTHY = $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/health', timeout=2)" 2>/dev/null
 
 dashboard: setup
 	@api=$(DASHBOARD_API); \
 	if ! $(API_HEALTHY) $$api; then \
 	  if [ -z "$${MSR_API_URL:-}" ] && [ -x $(BIN)/msr-serve ]; then \
-	    echo "msr dashboard: no REST service answers $$api/health; starting one (make serve HOST=127.0.0.1)"; \
-	    setsid $(MAKE) --no-print-directory serve HOST=127.0.0.1 & serve_pid=$$!; \
+	    echo "msr dashboard: no REST service answers $$api/health; starting one (make serve SERVE_HOST=127.0.0.1)"; \
+	    setsid $(MAKE) --no-print-directory serve SERVE_HOST=127.0.0.1 & serve_pid=$$!; \
 	    trap 'kill -- -'$$serve_pid' 2>/dev/null' EXIT INT TERM; \
 	    for i in $$(seq 180); do $(API_HEALTHY) $$api && break; sleep 1; done; \
 	    $(API_HEALTHY) $$api || { echo "msr dashboard: the REST service did not come up on $$api"; exit 1; }; \
