@@ -80,13 +80,31 @@ serve: setup
 
 # The dashboard: code hidden, Jupyter token auth. The token (MSR_DASHBOARD_TOKEN, or a file named by
 # MSR_DASHBOARD_TOKEN_FILE, or a fresh random one) reaches voila through its environment, never its
-# command line, which any local user can read in /proc.
+# command line, which any local user can read in /proc. Its pages hold no model: they ask the REST service
+# (MSR_API_URL, default http://127.0.0.1:<SERVE_PORT, else params.yaml's serve.port>), started here (`make serve`) when it does not answer
+# /health and msr-serve is installed, and stopped with the dashboard. msr.pages limits the open pages and
+# culls their kernels (params.yaml's dashboard section).
+DASHBOARD_API = $${MSR_API_URL:-http://127.0.0.1:$(or $(SERVE_PORT),$$($(BIN)/python -c "from msr.core import load_params; print(load_params(section='serve')['port'])"))}
+API_HEALTHY = $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/health', timeout=2)" 2>/dev/null
+
 dashboard: setup
-	@if [ -n "$${MSR_DASHBOARD_TOKEN_FILE:-}" ]; then export JUPYTER_TOKEN_FILE="$$MSR_DASHBOARD_TOKEN_FILE"; \
+	@api=$(DASHBOARD_API); \
+	if ! $(API_HEALTHY) $$api; then \
+	  if [ -z "$${MSR_API_URL:-}" ] && [ -x $(BIN)/msr-serve ]; then \
+	    echo "msr dashboard: no REST service answers $$api/health; starting one (make serve SERVE_HOST=127.0.0.1)"; \
+	    setsid $(MAKE) --no-print-directory serve SERVE_HOST=127.0.0.1 & serve_pid=$$!; \
+	    trap 'kill -- -'$$serve_pid' 2>/dev/null' EXIT INT TERM; \
+	    for i in $$(seq 180); do $(API_HEALTHY) $$api && break; sleep 1; done; \
+	    $(API_HEALTHY) $$api || { echo "msr dashboard: the REST service did not come up on $$api"; exit 1; }; \
+	  else echo "msr dashboard: no REST service answers $$api/health. Start it first (make serve, in another terminal)," \
+	    "or point MSR_API_URL at one."; exit 1; fi; fi; \
+	export MSR_API_URL=$$api; \
+	if [ -n "$${MSR_DASHBOARD_TOKEN_FILE:-}" ]; then export JUPYTER_TOKEN_FILE="$$MSR_DASHBOARD_TOKEN_FILE"; \
 	  echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=<the token in $$MSR_DASHBOARD_TOKEN_FILE>"; \
 	else export JUPYTER_TOKEN="$${MSR_DASHBOARD_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}"; \
 	  echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=$$JUPYTER_TOKEN"; fi; \
-	$(BIN)/voila nbs/dashboard.ipynb --no-browser --strip_sources=True --Voila.ip=$(HOST) --port=$(DASHBOARD_PORT) --Voila.auto_token=True
+	$(BIN)/voila nbs/dashboard.ipynb --no-browser --strip_sources=True --Voila.ip=$(HOST) --port=$(DASHBOARD_PORT) --Voila.auto_token=True \
+	  $$($(BIN)/python -c 'from msr.pages import VOILA_ARGS; print(*VOILA_ARGS)')
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py --runs 5
@@ -94,6 +112,7 @@ bench: setup
 	$(BIN)/python benchmarks/split_seeds.py --seeds 42 1 2 3 4
 	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
 	$(BIN)/python benchmarks/monitor.py --gb 1 --full-gb 0.1 --runs 5
+	$(BIN)/python benchmarks/dashboard.py --runs 5
 	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3
 	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3 --fresh-connections --output benchmarks/results/serve-fresh.json
 	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3 --workers 1 --output benchmarks/results/serve-1worker.json

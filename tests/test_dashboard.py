@@ -1,4 +1,6 @@
-"""The voila dashboard in a real headless Chromium (Debian's `chromium`, driven by Python playwright)."""
+"""The voila dashboard in a real headless Chromium (Debian's `chromium`, driven by Python playwright), its pages asking a
+real REST service over loopback: the behaviours a person sees, and that pages do not leak (kernels culled, a page limit,
+logout, the memory of a page)."""
 from __future__ import annotations
 
 import secrets
@@ -9,15 +11,18 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, spotify_env, start_server, stop_server
 from msr.core import AUDIO_FEATURES
+from msr.pages import VOILA_ARGS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]  # this machine's network is closed: no background calls
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
+MB = 1024 * 1024
 
 if not CHROMIUM.exists():
     reason = f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)"
@@ -26,38 +31,121 @@ if not CHROMIUM.exists():
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
 
+def serves_dashboard() -> bool:
+    "Whether msr-serve is installed and routes the dashboard's requests (msr.catalogue.ROUTES wired into msr.api.ROUTES)."
+    try: from msr.api import ROUTES
+    except ImportError: return False
+    return (BIN / "msr-serve").exists() and ("GET", "/v1/catalogue") in ROUTES
+
+
+def api_command(port: int) -> list[str]:
+    "msr's REST service as `make serve` runs it (msr-serve), or the stand-in of tests/api_standin.py while msr-serve is not there."
+    if serves_dashboard(): return [str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return [str(BIN / "python"), str(ROOT / "tests/api_standin.py"), "--port", str(port)]
+
+
 @pytest.fixture(scope="module")
-def dashboard(served_project, tmp_path_factory, spotify_fake):
-    """`voila nbs/dashboard.ipynb` on 127.0.0.1 with a token, as `make dashboard` runs it, over the served project,
-    with Spotify configured against the fake (tests/fake_spotify.py) and a person logged in."""
-    logs = tmp_path_factory.mktemp("dashboard")
-    port, token = free_port(), secrets.token_urlsafe(16)
-    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(spotify_fake[1], logs / "spotify-tokens"),
-           "JUPYTER_TOKEN": token}  # as `make dashboard` passes it: in the environment, never on the command line
-    proc = start_server([str(BIN / "voila"), str(ROOT / "nbs/dashboard.ipynb"), "--no-browser", "--strip_sources=True",
-                         "--Voila.ip=127.0.0.1", f"--port={port}", "--Voila.auto_token=True"],
-                        ROOT / "nbs", env, f"tcp://127.0.0.1:{port}", logs / "voila.log")
-    assert token not in Path(f"/proc/{proc.pid}/cmdline").read_text()  # another local user could read it there
-    try: yield f"http://127.0.0.1:{port}", token, logs / "served.sqlite"
+def api(served_project, tmp_path_factory, spotify_fake):
+    "The REST service over the served project (its champion, its monitoring log), Spotify being the fake."
+    logs = tmp_path_factory.mktemp("api")
+    port = free_port()
+    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(spotify_fake[1], logs / "spotify-tokens")}
+    proc = start_server(api_command(port), served_project, env, f"http://127.0.0.1:{port}/health", logs / "api.log")
+    try: yield f"http://127.0.0.1:{port}", logs / "served.sqlite"
     finally: stop_server(proc)
 
 
-@pytest.fixture()
-def page(dashboard):
+def start_voila(served_project, api_url: str, logs: Path, **settings):
+    "`voila nbs/dashboard.ipynb` as `make dashboard` runs it (token in the environment), pages asking `api_url`; (url, token, process)."
+    port, token = free_port(), secrets.token_urlsafe(16)
+    env = {**served_env(served_project, logs / "unused.sqlite"), "MSR_API_URL": api_url,
+           "JUPYTER_TOKEN": token, **settings}  # as `make dashboard` passes it: in the environment, never on the command line
+    proc = start_server([str(BIN / "voila"), str(ROOT / "nbs/dashboard.ipynb"), "--no-browser", "--strip_sources=True",
+                         "--Voila.ip=127.0.0.1", f"--port={port}", "--Voila.auto_token=True", *VOILA_ARGS],
+                        ROOT / "nbs", env, f"tcp://127.0.0.1:{port}", logs / "voila.log")
+    assert token not in Path(f"/proc/{proc.pid}/cmdline").read_text()  # another local user could read it there
+    return f"http://127.0.0.1:{port}", token, proc
+
+
+@pytest.fixture(scope="module")
+def dashboard(served_project, api, tmp_path_factory):
+    "The dashboard with params.yaml's page limit and cull timeouts; (url, token, monitoring log, voila process)."
+    logs = tmp_path_factory.mktemp("dashboard")
+    url, token, proc = start_voila(served_project, api[0], logs)
+    try: yield url, token, api[1], proc, logs / "voila.log"
+    finally: stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def tight(served_project, api, tmp_path_factory):
+    "A dashboard with room for two pages and quick culls, for the limit and the idle cull."
+    url, token, proc = start_voila(served_project, api[0], tmp_path_factory.mktemp("tight"), MSR_DASHBOARD_MAX_PAGES="2",
+                                   MSR_DASHBOARD_CLOSED_CULL="3", MSR_DASHBOARD_IDLE_CULL="8", MSR_DASHBOARD_CULL_INTERVAL="1")
+    try: yield url, token, proc
+    finally: stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            url, token, _ = dashboard
-            page.goto(f"{url}/?token={token}", timeout=180_000)
-            page.wait_for_selector(".msr-go", timeout=180_000)  # the kernel ran the notebook
-            yield page
-        finally:
-            browser.close()
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try: yield b
+        finally: b.close()
+
+
+def open_page(browser, url: str, token: str):
+    "A page of the dashboard, rendered (its kernel ran the notebook), in a context of its own; (page, seconds to render)."
+    page = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
+    t0 = time.perf_counter()
+    page.goto(f"{url}/?token={token}", timeout=180_000)
+    page.wait_for_selector(".msr-go", timeout=180_000)
+    return page, time.perf_counter() - t0
+
+
+def leave(page):
+    "A person leaving the page: the browser unloads it (voila's page script says goodbye), then the tab closes."
+    page.goto("about:blank")
+    page.context.close()
+
+
+def _is_kernel(p: psutil.Process) -> bool:
+    try: return p.status() != psutil.STATUS_ZOMBIE and "ipykernel_launcher" in " ".join(p.cmdline())
+    except psutil.Error: return False  # gone meanwhile
+
+
+def kernels(voila) -> list[psutil.Process]:
+    "The voila server's live kernel processes."
+    return [c for c in psutil.Process(voila.pid).children(recursive=True) if _is_kernel(c)]
+
+
+def wait_kernels(voila, n: int, timeout: float) -> float:
+    "Seconds until the voila server has at most `n` kernels (AssertionError after `timeout`)."
+    t0 = time.monotonic()
+    while len(kernels(voila)) > n:
+        assert time.monotonic() - t0 < timeout, f"{len(kernels(voila))} kernels after {timeout} s, expected {n}"
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
+def memory(pid: int) -> dict:
+    "A process's RSS, PSS and USS (private pages) in MB, from /proc/<pid>/smaps_rollup."
+    kb = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        kb[name] = int(value.split()[0])
+    return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024, "uss": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
+
+
+@pytest.fixture()
+def page(dashboard, browser):
+    url, token, _, _, _ = dashboard
+    page, _ = open_page(browser, url, token)
+    try: yield page
+    finally: leave(page)
 
 
 def test_token_is_required(dashboard):
-    url, _, _ = dashboard
+    url, _, _, _, _ = dashboard
     req = urllib.request.Request(url + "/", headers={"Accept": "text/html"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r: status, final, body = r.status, r.url, r.read().decode()
@@ -83,10 +171,10 @@ def test_recommend_for_a_dataset_playlist(page, dashboard, served_project):
     status = page.inner_text(".msr-status")
     assert "predicted genre" in status and "msr-recommender v1" in status
     assert page.locator("tr.msr-rec a[href^='https://open.spotify.com/track/']").count() == 20
-    page.wait_for_selector(".msr-profile-plot img", timeout=30_000)  # the audio profile plot
+    page.wait_for_selector(".msr-profile-plot .msr-bar", timeout=30_000)  # the audio profile (bars drawn in HTML)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
-    _, _, db = dashboard
+    _, _, db, _, _ = dashboard
     deadline, last = time.monotonic() + 10, None
     while last is None and time.monotonic() < deadline:  # the log's writer thread appends just after the answer
         if db.exists():
@@ -163,3 +251,82 @@ def test_spotify_playlist_of_only_foreign_tracks(page, served_project, spotify_f
     assert all(r.strip() for r in reasons), reasons
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "dashboard-spotify-foreign.png"), full_page=True)
+
+
+def test_pages_hold_no_model_and_their_kernels_go(dashboard, browser, capsys):
+    """Ten visits, each page left: no kernel stays (voila's goodbye call is accepted), and an open page's kernel is
+    small (no model, no pandas: it asks the REST service). Prints the figures."""
+    url, token, _, voila, _ = dashboard
+    wait_kernels(voila, 0, 60)  # the pages of the tests before have gone
+    baseline = len(kernels(voila))
+    renders, mems = [], []
+    for _ in range(10):
+        before = {k.pid for k in kernels(voila)}
+        page, seconds = open_page(browser, url, token)
+        renders.append(seconds)
+        (kernel,) = [k for k in kernels(voila) if k.pid not in before]
+        mems.append(memory(kernel.pid))
+        leave(page)
+    gone = wait_kernels(voila, baseline, 60)
+    worst = {k: max(m[k] for m in mems) for k in ("rss", "pss", "uss")}
+    with capsys.disabled():
+        print(f"\ndashboard page: kernel RSS {worst['rss']:.0f} MB, PSS {worst['pss']:.0f} MB, USS {worst['uss']:.0f} MB (worst of 10); "
+              f"first render median {sorted(renders)[5]:.2f} s; kernels back to {baseline} {gone:.1f} s after the last page left")
+    assert worst["pss"] <= 100, worst  # the target: 100 MB a page
+    log = dashboard[4].read_text()
+    assert "'_xsrf' argument missing" not in log and "403 POST /voila/api/shutdown" not in log  # the goodbye calls were accepted
+
+
+def test_a_page_closed_without_goodbye_is_culled(dashboard, browser):
+    "A tab that dies without unloading (no goodbye call): its kernel goes within a minute (closed_cull + cull_interval)."
+    url, token, _, voila, _ = dashboard
+    wait_kernels(voila, 0, 60)
+    baseline = len(kernels(voila))
+    page, _ = open_page(browser, url, token)
+    assert len(kernels(voila)) == baseline + 1
+    page.context.close()  # playwright closes without running the page's unload handlers
+    wait_kernels(voila, baseline, 60)
+
+
+def test_busy_page_past_the_limit(tight, browser):
+    url, token, voila = tight
+    pages = [open_page(browser, url, token)[0] for _ in range(2)]
+    try:
+        req = urllib.request.Request(f"{url}/", headers={"Accept": "text/html", "Authorization": f"token {token}"})
+        with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 503 and e.value.headers["Retry-After"]
+        assert "msr is busy, try again shortly" in e.value.read().decode()
+        extra = browser.new_context().new_page()
+        extra.goto(f"{url}/?token={token}")
+        assert "msr is busy, try again shortly" in extra.inner_text("body")
+        extra.context.close()
+        assert len(kernels(voila)) == 2
+    finally:
+        for p in pages: leave(p)
+    wait_kernels(voila, 0, 60)
+    page, _ = open_page(browser, url, token)  # room again
+    leave(page)
+
+
+def test_idle_page_is_culled(tight, browser):
+    "An open page nobody touches loses its kernel after idle_cull (8 s here)."
+    url, token, voila = tight
+    wait_kernels(voila, 0, 60)
+    page, _ = open_page(browser, url, token)
+    try:
+        assert len(kernels(voila)) == 1
+        wait_kernels(voila, 0, 30)
+    finally: page.context.close()
+
+
+def test_token_leaves_the_address_and_logout_works(dashboard, browser):
+    url, token, _, _, _ = dashboard
+    page, _ = open_page(browser, url, token)
+    try:
+        assert "token=" not in page.url  # dropped by a redirect once the login cookie is set
+        page.goto(f"{url}/logout")
+        assert "You are logged out" in page.inner_text("body")
+        assert not [c for c in page.context.cookies() if c["name"].startswith("username-")]
+        page.goto(f"{url}/")
+        assert "/login" in page.url and page.locator(".msr-go").count() == 0
+    finally: leave(page)
