@@ -3,7 +3,7 @@ from the browser's request to the rendered page (the Recommend button shown), in
 plus the memory of the voila server and of the REST service that holds the champion for every page, and of `--pages`
 pages open at once. Medians over `--runs` visits, each page left as a person leaves it.
 
-Starts the REST service (msr-serve, or tests/api_standin.py while msr-serve is not installed) and voila as
+Starts the REST service (msr-serve, one model process) and voila as
 `make dashboard` does, over `--project` (a project after `make run`). Run: python benchmarks/dashboard.py
 """
 from __future__ import annotations
@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-
-
-def serves_dashboard() -> bool:
-    "Whether msr-serve is installed and routes the dashboard's requests (msr.catalogue.ROUTES wired into msr.api.ROUTES)."
-    try: from msr.api import ROUTES
-    except ImportError: return False
-    return (BIN / "msr-serve").exists() and ("GET", "/v1/catalogue") in ROUTES
 
 
 def free_port() -> int:
@@ -104,8 +97,7 @@ def main():
            "MSR_MONITOR_DB": str(tmp / "served.sqlite"), "MLFLOW_TRACKING_URI": f"sqlite:///{args.project.resolve()}/mlflow.db"}
     api_port, port, token = free_port(), free_port(), secrets.token_urlsafe(16)
     api_url = f"http://127.0.0.1:{api_port}"
-    api_cmd = ([str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"] if serves_dashboard()
-               else [str(BIN / "python"), str(ROOT / "tests/api_standin.py"), "--port", str(api_port)])
+    api_cmd = [str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"]
     t0 = time.perf_counter()
     api = start(api_cmd, env, args.project, lambda: urllib.request.urlopen(api_url + "/health", timeout=2), tmp / "api.log")
     api_start = time.perf_counter() - t0
@@ -149,7 +141,7 @@ def main():
         stop(voila); stop(api)
     med = {k: statistics.median(v[k] for v in visits) for k in visits[0]}
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "project": str(args.project), "rest_service": Path(api_cmd[1] if "api_standin" in api_cmd[1] else api_cmd[0]).name,
+           "project": str(args.project), "rest_service": "msr-serve",
            "rest_service_start_s": api_start, "runs": args.runs, "page_median": med, "visits": visits, "together": together}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=2) + "\n")

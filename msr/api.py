@@ -27,17 +27,16 @@ from fastcore.basics import patch
 from fastcore.script import Param, call_parse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .core import AUDIO_FEATURES, atomic_path, load_params, project_root
+from .catalogue import ROUTES
+from .core import atomic_path, load_params, project_root
 from .monitor import MonitorLog, open_monitor
-from .seeds import RECORD_FIELDS
-from .serve import DEFAULT_K, MAX_K, MAX_QUERIES, MAX_SEEDS, BadRequest, Unavailable
+from .serve import MAX_QUERIES, BadRequest, Unavailable, check_row, quote
 
 # %% auto #0
-__all__ = ['TRACK_ID_RE', 'ROW_FIELDS', 'MAX_TEXT', 'LOOPBACK_NAMES', 'CHAMPION_URI', 'ROUTES', 'JSON_TYPE', 'DRAIN_BYTES',
-           'SOURCE_RE', 'ServeSettings', 'HttpError', 'quote', 'bad', 'parse_json', 'read_rows', 'check_row', 'ApiKeys',
-           'keys_main', 'RateLimiter', 'is_loopback', 'host_name', 'accepted_hosts', 'load_champion', 'ModelProcess',
-           'log_row', 'ModelPool', 'Reply', 'error_reply', 'Front', 'raw_reply', 'MsrH11', 'check_bind', 'listen',
-           'serve', 'main']
+__all__ = ['LOOPBACK_NAMES', 'CHAMPION_URI', 'JSON_TYPE', 'DRAIN_BYTES', 'SOURCE_RE', 'ServeSettings', 'HttpError', 'bad',
+           'parse_json', 'read_rows', 'ApiKeys', 'keys_main', 'RateLimiter', 'is_loopback', 'host_name',
+           'accepted_hosts', 'load_champion', 'ModelProcess', 'log_row', 'ModelPool', 'Reply', 'error_reply', 'Front',
+           'raw_reply', 'MsrH11', 'check_bind', 'listen', 'serve', 'main']
 
 # %% ../nbs/13b_api.ipynb #c7389922
 @dataclass(frozen=True)
@@ -76,15 +75,9 @@ class HttpError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
-def quote(value, limit: int = 100) -> str:
-    "`value` as JSON, cut to about `limit` characters."
-    try: text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError): text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"…({len(text)} characters)"
-
-def bad(message: str) -> HttpError:
-    "A 400 refusal."
-    return HttpError(400, "BAD_REQUEST", message)
+def bad(message: str) -> BadRequest:
+    "A request msr cannot read (400, like every `BadRequest`)."
+    return BadRequest(message)
 
 # %% ../nbs/13b_api.ipynb #9b075c0c
 _FORMATS = ("dataframe_records", "dataframe_split", "instances", "inputs")
@@ -134,67 +127,6 @@ def read_rows(body: bytes) -> list:
     if not rows: raise bad("the request holds no query: send at least one row with 'seeds', 'tracks' or 'playlist_url'")
     if len(rows) > MAX_QUERIES: raise bad(f"too many queries in one request: {len(rows)} (at most {MAX_QUERIES})")
     return rows
-
-# %% ../nbs/13b_api.ipynb #f51881b6
-TRACK_ID_RE = re.compile(r"[0-9A-Za-z]{22}")  # a Spotify track id
-ROW_FIELDS = ("seeds", "k", "playlist_url", "tracks")  # what a query row may hold
-_WHOLE = {"key", "mode", "duration_ms", "track_popularity"}  # record fields that are integers
-_NUMBERS = set(AUDIO_FEATURES) | {"track_popularity"}  # record fields that are numbers; the others are text
-MAX_TEXT = 500  # characters of a text field (a link, a title)
-
-def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
-
-# %% ../nbs/13b_api.ipynb #9590c067
-def _check_seeds(where: str, seeds) -> list:
-    if not isinstance(seeds, list): raise bad(f"{where}'seeds' must be a list of Spotify track ids, got {quote(seeds)}")
-    if len(seeds) > MAX_SEEDS: raise bad(f"{where}too many seeds: {len(seeds)} (at most {MAX_SEEDS} per query)")
-    for j, s in enumerate(seeds):
-        if not isinstance(s, str) or not TRACK_ID_RE.fullmatch(s):
-            raise bad(f"{where}'seeds[{j}]' must be a 22-character Spotify track id, got {quote(s)}")
-    return seeds
-
-def _check_k(where: str, k) -> int:
-    if k is None: return DEFAULT_K
-    if not _is_int(k): raise bad(f"{where}'k' must be an integer from 1 to {MAX_K}, got {quote(k)}")
-    if not 1 <= k <= MAX_K: raise bad(f"{where}'k' must be from 1 to {MAX_K}, got {quote(k)}")
-    return k
-
-# %% ../nbs/13b_api.ipynb #825c580d
-def _check_value(where: str, name: str, v):
-    "One field of a track record, held to its type."
-    if v is None: return
-    if name in _WHOLE and not _is_int(v): raise bad(f"{where}'{name}' must be an integer, got {quote(v)}")
-    if name in _NUMBERS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-        raise bad(f"{where}'{name}' must be a number, got {quote(v)}")
-    if name not in _NUMBERS and name not in _WHOLE and (not isinstance(v, str) or len(v) > MAX_TEXT):
-        raise bad(f"{where}'{name}' must be text of at most {MAX_TEXT} characters, got {quote(v)}")
-    if name == "track_id" and not TRACK_ID_RE.fullmatch(v): raise bad(f"{where}'track_id' must be a 22-character Spotify track id, got {quote(v)}")
-
-def _check_tracks(where: str, tracks) -> list:
-    if not isinstance(tracks, list): raise bad(f"{where}'tracks' must be a list of track records, got {quote(tracks)}")
-    if len(tracks) > MAX_SEEDS: raise bad(f"{where}too many tracks: {len(tracks)} (at most {MAX_SEEDS} per query)")
-    for j, t in enumerate(tracks):
-        if not isinstance(t, dict): raise bad(f"{where}'tracks[{j}]' must be a track record (an object), got {quote(t)}")
-        unknown = [f for f in t if f not in RECORD_FIELDS]
-        if unknown: raise bad(f"{where}'tracks[{j}]' has an unknown field {quote(unknown[0])}; a record may hold {', '.join(RECORD_FIELDS)}")
-        for name, v in t.items(): _check_value(f"{where}'tracks[{j}]': ", name, v)
-    return [{f: v for f, v in t.items() if v is not None} for t in tracks]
-
-# %% ../nbs/13b_api.ipynb #a0868d67
-def check_row(i: int, row, many: bool = True) -> dict:
-    "Query row `i`, every field held to its type: {'seeds', 'k', 'playlist_url', 'tracks'} (None where absent), or a 400."
-    where = f"row {i}: " if many else ""
-    if not isinstance(row, dict): raise bad(f"{where}a query must be an object with {', '.join(ROW_FIELDS)}, got {quote(row)}")
-    unknown = [f for f in row if f not in ROW_FIELDS]
-    if unknown: raise bad(f"{where}unknown field {quote(unknown[0])}; a query may hold {', '.join(ROW_FIELDS)}")
-    seeds, url, tracks = row.get("seeds"), row.get("playlist_url"), row.get("tracks")
-    if url is not None and (not isinstance(url, str) or len(url) > MAX_TEXT):
-        raise bad(f"{where}'playlist_url' must be a Spotify playlist link (text), got {quote(url)}")
-    out = {"seeds": None if seeds is None else _check_seeds(where, seeds), "k": _check_k(where, row.get("k")),
-           "playlist_url": url, "tracks": None if tracks is None else _check_tracks(where, tracks)}
-    if not (out["seeds"] or out["tracks"] or url):
-        raise bad(f"{where}give 'seeds' (Spotify track ids), 'tracks' (track records) or a 'playlist_url'")
-    return out
 
 # %% ../nbs/13b_api.ipynb #268fcf26
 def _digest(key: str) -> str: return hashlib.sha256(key.encode()).hexdigest()
@@ -310,7 +242,6 @@ def accepted_hosts(settings: ServeSettings) -> frozenset:
 
 # %% ../nbs/13b_api.ipynb #c089baab
 CHAMPION_URI = "models:/msr-recommender@champion"  # what msr-serve serves unless told otherwise
-ROUTES: dict = {}  # (method, path) -> handler(process, query, body) -> (payload, answers): extra JSON endpoints (msr.catalogue's)
 
 def load_champion(model_uri: str = CHAMPION_URI):
     "The registered model at `model_uri` as a `Service` without a monitoring log ('local': the train stage's model file)."
@@ -587,9 +518,9 @@ async def _route(self: Front, scope, headers, body) -> Reply:
     except ValueError as e: raise bad(f"the query string cannot be read: {str(e)[:100]}") from None
     doc = parse_json(body) if body is not None else None
     if body is not None and not isinstance(doc, dict): raise bad(f"the body must be a JSON object, got {quote(doc)}")
-    if doc and doc.get("playlist_url") is not None:
-        row = check_row(0, {f: doc.get(f) for f in ROW_FIELDS}, many=False)
-        await self._imports([row]); doc = {**doc, "playlist_url": None, "imported": row["imported"]}
+    if doc and doc.get("playlist_url") is not None:  # read the link here, bounded, not in a model process
+        doc = check_row(0, doc, many=False)
+        await self._imports([doc])
     payload, logs = await self.pool.run(("route", scope["method"], scope["path"], query, doc))
     return Reply(200, payload, logs=logs)
 
@@ -611,8 +542,8 @@ async def __call__(self: Front, scope, receive, send):
         if scope["method"] == "POST" and body is None: return  # the client left
         disconnected = asyncio.ensure_future(_gone(receive))  # completes if the client leaves while we work
         reply = await handler(scope, headers, body)
-    except HttpError as e:
-        reply = error_reply(e)
+    except (HttpError, BadRequest) as e:
+        reply = error_reply(e if isinstance(e, HttpError) else HttpError(400, "BAD_REQUEST", str(e)))
         if not state["read"]: reply.close = not await self._drain(receive, state)
     except Exception:
         logging.getLogger(__name__).exception("msr failed to answer %s %s", scope["method"], scope["path"])

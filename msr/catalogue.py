@@ -21,13 +21,14 @@ from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_pa
 from .monitor import MonitorLog, plot_served
 from .registry import CHAMPION, MODEL_NAME
 from .seeds import normalize
-from .serve import DEFAULT_K, MAX_K, MAX_SEEDS, Answer, BadRequest, Service
+from .serve import Answer, BadRequest, Service, check_row, quote
+from .spotify import ImportedPlaylist
 
 # %% auto #0
-__all__ = ['TRACK_ID_RE', 'MAX_TEXT', 'RECOMMEND_FIELDS', 'MONITOR_PLOT_ROWS', 'ROUTES', 'load_service', 'playlist_table',
-           'search_playlists', 'search_tracks', 'artist_table', 'search_artists', 'Catalogue', 'get_catalogue',
-           'get_playlists', 'get_playlist', 'get_tracks', 'get_artists', 'audio_profile', 'answer_payload',
-           'post_recommend', 'figure_png', 'get_monitor']
+__all__ = ['MAX_TEXT', 'MONITOR_PLOT_ROWS', 'ROUTES', 'load_service', 'playlist_table', 'search_playlists', 'search_tracks',
+           'artist_table', 'search_artists', 'Catalogue', 'get_catalogue', 'get_playlists', 'get_playlist',
+           'get_tracks', 'get_artists', 'audio_profile', 'answer_payload', 'post_recommend', 'figure_png',
+           'get_monitor']
 
 # %% ../nbs/14a_catalogue.ipynb #4248dc18
 def load_service(monitor: MonitorLog | None = None) -> Service:
@@ -117,24 +118,18 @@ def from_project(cls: Catalogue, service: Service,  # the worker's service (its 
     return cls(pd.read_parquet(root / TRACKS), _read_optional(root / PLAYLIST_TRACKS), params["window"], params["alert_threshold"])
 
 # %% ../nbs/14a_catalogue.ipynb #4cc91f9f
-TRACK_ID_RE = re.compile(r"[0-9A-Za-z]{22}")  # a Spotify id: 22 base62 characters
 MAX_TEXT = 200  # longest search text a query may carry
-
-def _quote(value, n: int = 100) -> str:
-    "`repr(value)`, cut to about `n` characters."
-    r = repr(value)
-    return r if len(r) <= n else r[:n] + "…"
 
 def _only(query: dict, *names: str):
     "`BadRequest` if the query carries a name the route does not take."
     extra = sorted(set(query) - set(names))
-    if extra: raise BadRequest(f"unknown query parameter {_quote(extra[0])}; this route takes {', '.join(names) or 'none'}")
+    if extra: raise BadRequest(f"unknown query parameter {quote(extra[0])}; this route takes {', '.join(names) or 'none'}")
 
 def _text(query: dict, name: str, limit: int = MAX_TEXT) -> str:
     "The text `query[name]` ('' when absent), at most `limit` characters."
     value = query.get(name, "")
     if not isinstance(value, str): raise BadRequest(f"{name!r} must be text")
-    if len(value) > limit: raise BadRequest(f"{name!r} is longer than {limit} characters: {_quote(value)}")
+    if len(value) > limit: raise BadRequest(f"{name!r} is longer than {limit} characters: {quote(value)}")
     return value
 
 def _int(query: dict, name: str, lo: int, hi: int, default: int) -> int:
@@ -142,7 +137,7 @@ def _int(query: dict, name: str, lo: int, hi: int, default: int) -> int:
     value = query.get(name)
     if value is None: return default
     if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,7}", value) or not lo <= int(value) <= hi:
-        raise BadRequest(f"{name!r} must be a whole number from {lo} to {hi}, got {_quote(value)}")
+        raise BadRequest(f"{name!r} must be a whole number from {lo} to {hi}, got {quote(value)}")
     return int(value)
 
 # %% ../nbs/14a_catalogue.ipynb #36690ea1
@@ -163,7 +158,7 @@ def get_playlist(app, query: dict, body) -> tuple[dict, list]:
     "One dataset playlist's track ids (`id`: its playlist id)."
     _only(query, "id")
     pid = _text(query, "id", 64)
-    if pid not in app.catalogue.members: raise BadRequest(f"no dataset playlist has the id {_quote(pid)}")
+    if pid not in app.catalogue.members: raise BadRequest(f"no dataset playlist has the id {quote(pid)}")
     return {"id": pid, "tracks": app.catalogue.members[pid]}, []
 
 # %% ../nbs/14a_catalogue.ipynb #5c2948ec
@@ -185,26 +180,11 @@ def get_artists(app, query: dict, body) -> tuple[dict, list]:
     return {"artists": search_artists(app.catalogue.artists, q, limit) if len(q.strip()) >= 2 else []}, []
 
 # %% ../nbs/14a_catalogue.ipynb #080ced98
-RECOMMEND_FIELDS = ("seeds", "k", "playlist_url", "tracks")
-
 def _recommend_body(body) -> dict:
-    "The checked body of /v1/recommend, or `BadRequest` naming the field."
+    "The body of /v1/recommend held to `msr.serve.check_row`'s exact checks, or `BadRequest` naming the field."
     if not isinstance(body, dict): raise BadRequest("the body must be a JSON object with seeds, tracks, playlist_url and/or k")
-    extra = sorted(set(body) - set(RECOMMEND_FIELDS))
-    if extra: raise BadRequest(f"unknown field {_quote(extra[0])}; the body may hold {', '.join(RECOMMEND_FIELDS)}")
-    seeds, k, url, records = body.get("seeds"), body.get("k", DEFAULT_K), body.get("playlist_url"), body.get("tracks")
-    if seeds is not None:
-        if not isinstance(seeds, list): raise BadRequest(f"'seeds' must be a list of track ids, got {type(seeds).__name__}")
-        if len(seeds) > MAX_SEEDS: raise BadRequest(f"too many seeds: {len(seeds)} (at most {MAX_SEEDS})")
-        bad = next((i for i, s in enumerate(seeds) if not isinstance(s, str) or not TRACK_ID_RE.fullmatch(s)), None)
-        if bad is not None: raise BadRequest(f"seeds[{bad}] must be a Spotify track id (22 letters and digits), got {_quote(seeds[bad])}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise BadRequest(f"'k' must be a whole number from 1 to {MAX_K}, got {_quote(k)}")
-    if url is not None and (not isinstance(url, str) or len(url) > 500):
-        raise BadRequest(f"'playlist_url' must be a Spotify playlist link (text, at most 500 characters), got {_quote(url)}")
-    if records is not None and (not isinstance(records, list) or not all(isinstance(t, dict) for t in records)):
-        raise BadRequest(f"'tracks' must be a list of track records (objects), got {_quote(records)}")
-    return {"seeds": seeds or None, "k": k, "playlist_url": url, "tracks": records}
+    if isinstance(body.get("imported"), ImportedPlaylist): return body  # msr.api checked it and read the link itself (no JSON makes one)
+    return check_row(0, body, many=False)
 
 # %% ../nbs/14a_catalogue.ipynb #438a1e83
 def audio_profile(service: Service, answer: Answer) -> dict:
@@ -235,7 +215,7 @@ def post_recommend(app, query: dict, body) -> tuple[dict, list]:
     _only(query)
     request = _recommend_body(body)
     try: answer = app.service.recommend(request["seeds"], request["k"], source="dashboard", log=False, playlist_url=request["playlist_url"],
-                                        tracks=request["tracks"])
+                                        tracks=request["tracks"], imported=request.get("imported"))
     except BadRequest: raise
     except (ValueError, TypeError) as e: raise BadRequest(str(e)[:300]) from None
     return answer_payload(app.service, answer), [answer]

@@ -5,6 +5,9 @@
 # %% ../nbs/13_serve.ipynb #af896e6a
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +24,9 @@ from .features import playlist_seeds
 from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound, NotPermitted, SpotifyError
 
 # %% auto #0
-__all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'CARD_COLUMNS', 'RESULT_COLUMNS', 'BadRequest', 'Unavailable',
-           'parse_seeds', 'parse_tracks', 'parse_k', 'spotify_url', 'Answer', 'Service', 'import_link']
+__all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'TRACK_ID_RE', 'ROW_FIELDS', 'MAX_TEXT', 'CARD_COLUMNS',
+           'RESULT_COLUMNS', 'BadRequest', 'Unavailable', 'parse_seeds', 'parse_tracks', 'parse_k', 'quote',
+           'check_row', 'spotify_url', 'Answer', 'Service', 'import_link']
 
 # %% ../nbs/13_serve.ipynb #b46e1eee
 DEFAULT_K = 20  # results when a request gives no k
@@ -85,6 +89,74 @@ def parse_k(k) -> int:
         raise BadRequest(f"k must be a whole number, got {k!r}")
     if not 1 <= int(k) <= MAX_K: raise BadRequest(f"k must be between 1 and {MAX_K}, got {int(k)}")
     return int(k)
+
+# %% ../nbs/13_serve.ipynb #27f5c853
+def quote(value, limit: int = 100) -> str:
+    "`value` as JSON, cut to about `limit` characters."
+    try: text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError): text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"…({len(text)} characters)"
+
+# %% ../nbs/13_serve.ipynb #f51881b6
+TRACK_ID_RE = re.compile(r"[0-9A-Za-z]{22}")  # a Spotify track id
+ROW_FIELDS = ("seeds", "k", "playlist_url", "tracks")  # what a query row may hold
+_WHOLE = {"key", "mode", "duration_ms", "track_popularity"}  # record fields that are integers
+_NUMBERS = set(AUDIO_FEATURES) | {"track_popularity"}  # record fields that are numbers; the others are text
+MAX_TEXT = 500  # characters of a text field (a link, a title)
+
+def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+
+# %% ../nbs/13_serve.ipynb #9590c067
+def _check_seeds(where: str, seeds) -> list:
+    if not isinstance(seeds, list): raise BadRequest(f"{where}'seeds' must be a list of Spotify track ids, got {quote(seeds)}")
+    if len(seeds) > MAX_SEEDS: raise BadRequest(f"{where}too many seeds: {len(seeds)} (at most {MAX_SEEDS} per query)")
+    for j, s in enumerate(seeds):
+        if not isinstance(s, str) or not TRACK_ID_RE.fullmatch(s):
+            raise BadRequest(f"{where}'seeds[{j}]' must be a 22-character Spotify track id, got {quote(s)}")
+    return seeds
+
+def _check_k(where: str, k) -> int:
+    if k is None: return DEFAULT_K
+    if not _is_int(k): raise BadRequest(f"{where}'k' must be an integer from 1 to {MAX_K}, got {quote(k)}")
+    if not 1 <= k <= MAX_K: raise BadRequest(f"{where}'k' must be from 1 to {MAX_K}, got {quote(k)}")
+    return k
+
+# %% ../nbs/13_serve.ipynb #825c580d
+def _check_value(where: str, name: str, v):
+    "One field of a track record, held to its type."
+    if v is None: return
+    if name in _WHOLE and not _is_int(v): raise BadRequest(f"{where}'{name}' must be an integer, got {quote(v)}")
+    if name in _NUMBERS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise BadRequest(f"{where}'{name}' must be a number, got {quote(v)}")
+    if name not in _NUMBERS and name not in _WHOLE and (not isinstance(v, str) or len(v) > MAX_TEXT):
+        raise BadRequest(f"{where}'{name}' must be text of at most {MAX_TEXT} characters, got {quote(v)}")
+    if name == "track_id" and not TRACK_ID_RE.fullmatch(v): raise BadRequest(f"{where}'track_id' must be a 22-character Spotify track id, got {quote(v)}")
+
+def _check_tracks(where: str, tracks) -> list:
+    if not isinstance(tracks, list): raise BadRequest(f"{where}'tracks' must be a list of track records, got {quote(tracks)}")
+    if len(tracks) > MAX_SEEDS: raise BadRequest(f"{where}too many tracks: {len(tracks)} (at most {MAX_SEEDS} per query)")
+    for j, t in enumerate(tracks):
+        if not isinstance(t, dict): raise BadRequest(f"{where}'tracks[{j}]' must be a track record (an object), got {quote(t)}")
+        unknown = [f for f in t if f not in RECORD_FIELDS]
+        if unknown: raise BadRequest(f"{where}'tracks[{j}]' has an unknown field {quote(unknown[0])}; a record may hold {', '.join(RECORD_FIELDS)}")
+        for name, v in t.items(): _check_value(f"{where}'tracks[{j}]': ", name, v)
+    return [{f: v for f, v in t.items() if v is not None} for t in tracks]
+
+# %% ../nbs/13_serve.ipynb #a0868d67
+def check_row(i: int, row, many: bool = True) -> dict:
+    "Query row `i`, every field held to its type: {'seeds', 'k', 'playlist_url', 'tracks'} (None where absent), or a 400."
+    where = f"row {i}: " if many else ""
+    if not isinstance(row, dict): raise BadRequest(f"{where}a query must be an object with {', '.join(ROW_FIELDS)}, got {quote(row)}")
+    unknown = [f for f in row if f not in ROW_FIELDS]
+    if unknown: raise BadRequest(f"{where}unknown field {quote(unknown[0])}; a query may hold {', '.join(ROW_FIELDS)}")
+    seeds, url, tracks = row.get("seeds"), row.get("playlist_url"), row.get("tracks")
+    if url is not None and (not isinstance(url, str) or len(url) > MAX_TEXT):
+        raise BadRequest(f"{where}'playlist_url' must be a Spotify playlist link (text), got {quote(url)}")
+    out = {"seeds": None if seeds is None else _check_seeds(where, seeds), "k": _check_k(where, row.get("k")),
+           "playlist_url": url, "tracks": None if tracks is None else _check_tracks(where, tracks)}
+    if not (out["seeds"] or out["tracks"] or url):
+        raise BadRequest(f"{where}give 'seeds' (Spotify track ids), 'tracks' (track records) or a 'playlist_url'")
+    return out
 
 # %% ../nbs/13_serve.ipynb #b2c812d6
 CARD_COLUMNS = ["track_name", "track_artist", "track_album_name"]  # what a result shows besides its id

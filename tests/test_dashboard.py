@@ -14,7 +14,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, spotify_env, start_server, stop_server
+from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, start_server, stop_server
 from msr.core import AUDIO_FEATURES
 from msr.pages import VOILA_ARGS
 
@@ -31,28 +31,10 @@ if not CHROMIUM.exists():
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
 
-def serves_dashboard() -> bool:
-    "Whether msr-serve is installed and routes the dashboard's requests (msr.catalogue.ROUTES wired into msr.api.ROUTES)."
-    try: from msr.api import ROUTES
-    except ImportError: return False
-    return (BIN / "msr-serve").exists() and ("GET", "/v1/catalogue") in ROUTES
-
-
-def api_command(port: int) -> list[str]:
-    "msr's REST service as `make serve` runs it (msr-serve), or the stand-in of tests/api_standin.py while msr-serve is not there."
-    if serves_dashboard(): return [str(BIN / "msr-serve"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    return [str(BIN / "python"), str(ROOT / "tests/api_standin.py"), "--port", str(port)]
-
-
 @pytest.fixture(scope="module")
-def api(served_project, tmp_path_factory, spotify_fake):
-    "The REST service over the served project (its champion, its monitoring log), Spotify being the fake."
-    logs = tmp_path_factory.mktemp("api")
-    port = free_port()
-    env = {**served_env(served_project, logs / "served.sqlite"), **spotify_env(spotify_fake[1], logs / "spotify-tokens")}
-    proc = start_server(api_command(port), served_project, env, f"http://127.0.0.1:{port}/health", logs / "api.log")
-    try: yield f"http://127.0.0.1:{port}", logs / "served.sqlite"
-    finally: stop_server(proc)
+def api(msr_server):
+    "The session's REST service (`msr-serve`, conftest) over the served project: (URL, its monitoring log)."
+    return msr_server.url, msr_server.db
 
 
 def start_voila(served_project, api_url: str, logs: Path, **settings):
