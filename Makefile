@@ -100,7 +100,4 @@ bench: setup
 	$(BIN)/python benchmarks/split_seeds.py --seeds 42 1 2 3 4
 	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
 	$(BIN)/python benchmarks/monitor.py --gb 1 --full-gb 0.1 --runs 5
-	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3
-	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3 --fresh-connections --output benchmarks/results/serve-fresh.json
-	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3 --workers 1 --output benchmarks/results/serve-1worker.json
-	$(BIN)/python benchmarks/serve.py --clients 1 --requests 500 --runs 3 --workers 1 --output benchmarks/results/serve-1client.json
+	$(BIN)/python benchmarks/serve.py --runs 3 --seconds 15 --connections 8 1
