@@ -2,7 +2,7 @@
 the registered pyfunc model alone under `mlflow models serve` (the same load without the front), and the
 in-process cost of one answer (the physical limit).
 
-    python benchmarks/serve.py --runs 3 --seconds 15
+    python benchmarks/serve.py --runs 5 --seconds 15
 
 Needs a finished `make run` (the registered champion) and `wrk` (Debian's package) on PATH. Loopback only.
 The load generator is wrk in its own process with `benchmarks/queries.lua`, one keep-alive connection per wrk
@@ -11,7 +11,9 @@ POST /invocations {"dataframe_records": [{"seeds": [...], "k": 20}]}. Each serve
 `--runs` runs of `--seconds` for each connection count, interleaved; the figures are medians over runs.
 Answers are appended to a throwaway monitoring log, whose rows are counted after each run (once the writer
 has settled) and compared with the answers wrk received: every delivered answer is logged, nothing else.
-The machine's load average is recorded with each run: other jobs share the cores.
+Other jobs share the cores: before each run the script waits (up to --patience) until they keep fewer than
+--quiet cores busy, and it records with each run the load average, the cores other jobs used during it and the
+CPU each process spent per answer (server's main process, its other processes, wrk).
 
 Writes benchmarks/results/serve.json (msr-serve, 8 connections), serve-1client.json (msr-serve, 1 connection),
 serve-mlflow.json (`mlflow models serve -w 2`, both counts) and serve-inprocess.json; prints a markdown table.
@@ -24,6 +26,7 @@ import os
 import pickle
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -129,6 +132,48 @@ def settled_rows(db: Path, quiet: float = 1.5, timeout: float = 60.0) -> int:
     return last
 
 
+# ---------------------------------------------------------------- CPU accounting
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> dict:
+    "CPU seconds (user + system) so far of each live process in process group `pgid`: pid -> seconds."
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit(): continue
+        try: stat = (d / "stat").read_text()
+        except OSError: continue
+        rest = stat[stat.rfind(")") + 2:].split()  # state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        if int(rest[2]) == pgid: out[int(d.name)] = (int(rest[11]) + int(rest[12])) / TICK
+    return out
+
+
+def machine_busy() -> float:
+    "CPU seconds the whole machine has been busy (all cores; /proc/stat)."
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / TICK  # all but idle and iowait
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_quiet(pgid: int | None, limit: float, patience: float) -> dict:
+    """Wait (at most `patience` s) until other jobs keep less than `limit` cores busy over 2 s (the server's process
+    group excepted): the machine is shared. Returns the wait and the last reading."""
+    t0 = time.monotonic()
+    while True:
+        busy0, cpu0, s0 = machine_busy(), group_cpu(pgid) if pgid else {}, time.monotonic()
+        time.sleep(2.0)
+        cpu1 = group_cpu(pgid) if pgid else {}
+        ours = sum(v - cpu0.get(p, 0) for p, v in cpu1.items())
+        other = max(0.0, machine_busy() - busy0 - ours) / (time.monotonic() - s0)
+        if other < limit or time.monotonic() - t0 >= patience:
+            return {"waited_s": round(time.monotonic() - t0, 1), "other_jobs_cores_before": round(other, 2)}
+
+
 # ---------------------------------------------------------------- load
 
 def wrk(port: int, connections: int, seconds: float, bodies: Path, margin: float = 3.0) -> dict:
@@ -142,10 +187,14 @@ def wrk(port: int, connections: int, seconds: float, bodies: Path, margin: float
     return json.loads(line[len("msr-bench "):])
 
 
-def one_run(kind: str, port: int, connections: int, seconds: float, bodies: Path, monitor: Path) -> dict:
+def one_run(kind: str, proc: subprocess.Popen, port: int, connections: int, seconds: float, bodies: Path, monitor: Path,
+            quiet: float = 0.2, patience: float = 120.0) -> dict:
+    waited = wait_quiet(proc.pid, quiet, patience)
     load_before = os.getloadavg()
     rows_before = settled_rows(monitor, quiet=0.5)
+    cpu0, busy0, wrk0, t0 = group_cpu(proc.pid), machine_busy(), children_cpu(), time.monotonic()
     w = wrk(port, connections, seconds, bodies)
+    cpu1, busy1, wrk1, wall = group_cpu(proc.pid), machine_busy(), children_cpu(), time.monotonic() - t0
     rows = settled_rows(monitor) - rows_before
     lat = np.array(w["latencies_ms"])
     ok = w["statuses"].get("200", 0)
@@ -158,8 +207,15 @@ def one_run(kind: str, port: int, connections: int, seconds: float, bodies: Path
            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
            "p99_ms": float(np.percentile(lat, 99)), "mean_ms": float(lat.mean()),
            "log_rows": rows, "log_rows_match": rows == w["answers"],
-           "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+           **waited, "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     run["errors"] = run["non_200"] + run["200_without_predictions"] + socket_errors
+    # CPU per answer: the server's main process (msr-serve: the front; mlflow: its CLI), its other processes
+    # (model processes; uvicorn's workers), wrk; and the cores busy with anything else (other jobs) during the run
+    main = cpu1.get(proc.pid, 0) - cpu0.get(proc.pid, 0)
+    others = sum(v - cpu0.get(p, 0) for p, v in cpu1.items() if p != proc.pid)
+    n = max(w["answers"], 1)
+    run["cpu_ms_per_answer"] = {"server_main": 1000 * main / n, "server_others": 1000 * others / n, "wrk": 1000 * (wrk1 - wrk0) / n}
+    run["cores_busy"] = {"all": (busy1 - busy0) / wall, "other_jobs": max(0.0, (busy1 - busy0) - main - others - (wrk1 - wrk0)) / wall}
     return run
 
 
@@ -174,11 +230,12 @@ def bench_server(kind: str, args, bodies: Path, work: Path) -> dict:
         runs = {c: [] for c in args.connections}
         for i in range(args.runs):
             for c in args.connections:
-                r = one_run(kind, port, c, args.seconds, bodies, monitor)
+                r = one_run(kind, proc, port, c, args.seconds, bodies, monitor, args.quiet, args.patience)
                 runs[c].append(r)
                 print(f"{kind} run {i + 1}, {c} connections: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
                       f"{r['answers_per_s']:.0f} answers/s, errors {r['errors']}, log rows {r['log_rows']} / answers {r['answers']}, "
-                      f"load {r['loadavg_before'][0]:.2f}", file=sys.stderr)
+                      f"load {r['loadavg_before'][0]:.2f}, other jobs {r['cores_busy']['other_jobs']:.2f} cores, CPU ms/answer "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_answer"].items()), file=sys.stderr)
         if kind == "msr-serve": health = json.loads(get(port, "/health"))
     finally:
         stop(proc)
@@ -190,7 +247,8 @@ def summarize(kind: str, connections: int, runs: list, common: dict, extra: dict
     out = {**common, "server": kind, "connections": connections, **extra, "runs": runs,
            "errors_total": sum(r["errors"] for r in runs), "answers_total": sum(r["answers"] for r in runs),
            "log_rows_total": sum(r["log_rows"] for r in runs), "log_rows_match": all(r["log_rows_match"] for r in runs),
-           "median": med}
+           "median": med, "median_cpu_ms_per_answer": {k: statistics.median(r["cpu_ms_per_answer"][k] for r in runs)
+                                                         for k in runs[0]["cpu_ms_per_answer"]}}
     target = TARGETS.get(connections) if kind == "msr-serve" else None
     if target:
         out["targets"] = target
@@ -244,11 +302,12 @@ def bench_inprocess(args, bodies: Path, common: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
         env["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
         if threads: env["OMP_NUM_THREADS"] = threads
+        waited = wait_quiet(None, args.quiet, args.patience)
         load = os.getloadavg()
         res = subprocess.run([sys.executable, __file__, "--inprocess-child", "--queries", str(args.queries), "--bodies", str(bodies)],
                              cwd=ROOT, env=env, capture_output=True, text=True)
         if res.returncode: sys.exit(f"the in-process benchmark failed: {res.stderr[-3000:]}")
-        out.append({**json.loads(res.stdout.strip().splitlines()[-1]), "loadavg_before": [round(x, 2) for x in load]})
+        out.append({**json.loads(res.stdout.strip().splitlines()[-1]), **waited, "loadavg_before": [round(x, 2) for x in load]})
     one = out[0]["model_task"]["p50_ms"] + out[0]["front_checks"]["p50_ms"] + out[0]["pool_pickling"]["p50_ms"] + out[0]["json_answer"]["p50_ms"]
     return {**common, "runs": out, "answer_cost_ms": one, "bound_answers_per_s_per_core": 1000 / one,
             "note": "answer_cost_ms: the model process's task + the front's checks, pickling and JSON, p50 each, OMP_NUM_THREADS=1 "
@@ -271,18 +330,22 @@ def table_row(label: str, r: dict) -> str:
     m = r["median"]
     p50s = sorted(x["p50_ms"] for x in r["runs"])
     loads = "–".join(f"{x:.1f}" for x in (min(x["loadavg_before"][0] for x in r["runs"]), max(x["loadavg_before"][0] for x in r["runs"])))
+    other = "–".join(f"{x:.2f}" for x in (min(x["cores_busy"]["other_jobs"] for x in r["runs"]), max(x["cores_busy"]["other_jobs"] for x in r["runs"])))
+    cpu = " / ".join(f"{v:.1f}" for v in r["median_cpu_ms_per_answer"].values())
     return (f"| {label} | {r['connections']} | {len(r['runs'])} × {r['seconds']:g} s | {r['errors_total']} of {r['answers_total']:,} | "
             f"{r['log_rows_total']:,} = {r['answers_total']:,}: {'yes' if r['log_rows_match'] else 'NO'} | "
-            f"**{m['p50_ms']:.1f} ms** ({p50s[0]:.1f}–{p50s[-1]:.1f}) | {m['p99_ms']:.1f} ms | {m['answers_per_s']:.0f} | {loads} |")
+            f"**{m['p50_ms']:.1f} ms** ({p50s[0]:.1f}–{p50s[-1]:.1f}) | {m['p99_ms']:.1f} ms | {m['answers_per_s']:.0f} | {cpu} | {loads} | {other} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3, help="runs per server and connection count")
+    ap.add_argument("--runs", type=int, default=5, help="runs per server and connection count")
     ap.add_argument("--seconds", type=float, default=15.0, help="length of one run")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of load before the runs")
     ap.add_argument("--connections", type=int, nargs="+", default=[8, 1], help="keep-alive connections (wrk threads)")
     ap.add_argument("--workers", type=int, default=2, help="model processes / uvicorn workers")
+    ap.add_argument("--quiet", type=float, default=0.2, help="before each run, wait until other jobs use fewer cores than this")
+    ap.add_argument("--patience", type=float, default=120.0, help="longest wait for --quiet (seconds); the run starts anyway")
     ap.add_argument("--queries", type=int, default=1000, help="queries timed in process")
     ap.add_argument("--only", nargs="+", choices=["msr-serve", "mlflow", "inprocess"], default=["msr-serve", "mlflow", "inprocess"])
     ap.add_argument("--inprocess-child", action="store_true", help=argparse.SUPPRESS)
@@ -318,8 +381,9 @@ def main():
         if "inprocess" in args.only:
             inproc = bench_inprocess(args, bodies, common)
             write("serve-inprocess.json", inproc)
-    print("| server | connections | runs | errors | log rows = answers | p50 | p99 | answers/s | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| server | connections | runs | errors | log rows = answers | p50 | p99 | answers/s "
+          "| CPU ms per answer (main / other server processes / wrk) | load avg | other jobs (cores) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows: print(r)
     if "inprocess" in args.only:
         print("\n| in process (1,000 queries) | OMP threads | p50 | p90 | p99 |\n|---|---|---|---|---|")
