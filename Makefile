@@ -4,7 +4,7 @@
 #   make test       set up .venv, check notebooks and library are in sync, ruff, nbdev_test and pytest
 #   make serve      serve the registered champion over REST (msr-serve) on 127.0.0.1
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
-#   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`)
+#   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`, and wrk: apt-get install wrk)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -113,7 +113,4 @@ bench: setup
 	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
 	$(BIN)/python benchmarks/monitor.py --gb 1 --full-gb 0.1 --runs 5
 	$(BIN)/python benchmarks/dashboard.py --runs 5
-	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3
-	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3 --fresh-connections --output benchmarks/results/serve-fresh.json
-	$(BIN)/python benchmarks/serve.py --clients 8 --requests 2000 --runs 3 --workers 1 --output benchmarks/results/serve-1worker.json
-	$(BIN)/python benchmarks/serve.py --clients 1 --requests 500 --runs 3 --workers 1 --output benchmarks/results/serve-1client.json
+	$(BIN)/python benchmarks/serve.py --runs 5 --seconds 15 --connections 8 1
