@@ -1,5 +1,6 @@
-"""The Monitor tab's refresh on a big monitoring log: `MonitorLog.summary` (SQL) + the latest 5,000 answers for
-the trend plot, against reading the whole log into a DataFrame (`frame()` + `summarize_served`, the way before).
+"""The Monitor tab's refresh on a big monitoring log: the REST route it asks (`msr.catalogue.get_monitor`:
+`MonitorLog.summary` in SQL + the latest 5,000 answers drawn as a PNG), against reading the whole log into a
+DataFrame (`frame()` + `summarize_served`, the way before).
 
 Builds a synthetic log of real-looking rows (25 seeds, 20 results, track ids of the real catalogue's shape)
 in a temporary folder, of about `--gb` gigabytes; medians over `--runs` refreshes. Run: python benchmarks/monitor.py
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from types import SimpleNamespace
+
+from msr.catalogue import get_monitor
 from msr.monitor import MonitorLog, plot_served, summarize_served
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +75,11 @@ def main():
             t0 = time.perf_counter(); rows = build(path, gb); built = time.perf_counter() - t0
             log = MonitorLog(path)
 
-            def refresh():
-                s = log.summary(28_352, 50, 0.3)
-                fig = plot_served(log.frame(limit=5000), 50, 0.3, s["per_genre"]); plt.close(fig)
-                return s
+            page = SimpleNamespace(monitor=log, catalogue=SimpleNamespace(tracks=range(28_352), window=50, threshold=0.3))
+
+            def refresh():  # what the REST service does for one Monitor-tab refresh
+                payload, _ = get_monitor(page, {}, None)
+                return payload["summary"]
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             sec, s = timed(refresh, args.runs)
             entry = {"rows": rows, "bytes": path.stat().st_size, "build_s": round(built, 1), "refresh_s": sec,
