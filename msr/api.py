@@ -34,7 +34,7 @@ from .serve import MAX_QUERIES, BadRequest, Unavailable, check_row, quote
 
 # %% auto #0
 __all__ = ['LOOPBACK_NAMES', 'CHAMPION_URI', 'JSON_TYPE', 'DRAIN_BYTES', 'SOURCE_RE', 'ServeSettings', 'HttpError', 'bad',
-           'parse_json', 'read_rows', 'ApiKeys', 'keys_main', 'RateLimiter', 'is_loopback', 'host_name',
+           'parse_json', 'read_rows', 'ApiKeys', 'keys_main', 'HubUsers', 'RateLimiter', 'is_loopback', 'host_name',
            'accepted_hosts', 'load_champion', 'ModelProcess', 'log_row', 'ModelPool', 'Reply', 'error_reply', 'Front',
            'raw_reply', 'MsrH11', 'check_bind', 'listen', 'serve', 'main']
 
@@ -58,6 +58,7 @@ class ServeSettings:
     spotify_wait: float  # seconds one request may wait for Spotify in all
     allowed_hosts: list  # Host header values accepted besides the bound address (and loopback names on loopback)
     api_keys: str  # the hashed API keys file (`msr-keys`)
+    hub_api_url: str  # a JupyterHub's API (http://127.0.0.1:8000/hub/api): its users' API tokens work as keys ('' for none)
 
 @patch(cls_method=True)
 def from_params(cls: ServeSettings, params: dict | None = None, **overrides) -> ServeSettings:
@@ -199,6 +200,32 @@ def keys_main(command: Param("add NAME, list, or revoke NAME", str, choices=["ad
     if not name: raise SystemExit(f"msr-keys {command} needs a NAME")
     if command == "add": print(keys.add(name))
     else: keys.revoke(name); print(f"revoked {name}")
+
+# %% ../nbs/13b_api.ipynb #cc2a7b3f
+class HubUsers:
+    "Whose JupyterHub API token a request carries, asked of the hub (`GET {api_url}/user`) and remembered for `ttl` seconds."
+    def __init__(self, api_url: str, ttl: float = 60.0, size: int = 10_000):
+        self.api_url, self.ttl, self.size = api_url.rstrip("/"), ttl, size
+        self.cache: OrderedDict = OrderedDict()  # token digest -> (name or None, until)
+
+@patch
+def user_of(self: HubUsers, token: str | None) -> str | None:
+    "The hub user's name, or None (no token, a token the hub does not know, or no hub answering). Blocking: call from a thread."
+    import urllib.error, urllib.request
+    if not token: return None
+    d, now = _digest(token), time.monotonic()
+    hit = self.cache.get(d)
+    if hit and hit[1] > now: return hit[0]
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{self.api_url}/user", headers={"Authorization": f"token {token}"}), timeout=5) as r:
+            name = json.load(r).get("name")
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403): return None  # the hub failing: refuse now, ask again next time
+        name = None
+    except (OSError, ValueError): return None
+    self.cache[d] = (name, now + (self.ttl if name else 5.0))
+    while len(self.cache) > self.size: self.cache.popitem(last=False)
+    return name
 
 # %% ../nbs/13b_api.ipynb #6bc9251d
 class RateLimiter:
@@ -376,11 +403,12 @@ def error_reply(e: HttpError, close: bool = False) -> Reply:
 # %% ../nbs/13b_api.ipynb #50f60f51
 class Front:
     "msr's REST front: checks, limits and logging around a `ModelPool`."
-    def __init__(self, settings: ServeSettings, pool: ModelPool, keys: ApiKeys, monitor: MonitorLog | None = None):
-        self.settings, self.pool, self.keys, self.monitor = settings, pool, keys, monitor
+    def __init__(self, settings: ServeSettings, pool: ModelPool, keys: ApiKeys, monitor: MonitorLog | None = None,
+                 hub: HubUsers | None = None):  # whose hub tokens count as keys
+        self.settings, self.pool, self.keys, self.monitor, self.hub = settings, pool, keys, monitor, hub
         self.limiter = RateLimiter(settings.rate, settings.burst)
         self.hosts = accepted_hosts(settings)
-        self.keys_required = keys.configured or not is_loopback(settings.host)
+        self.keys_required = keys.configured or hub is not None or not is_loopback(settings.host)
         self.catalogue = frozenset(pool.info.get("catalogue", ()))  # for Spotify imports: tracks that need no audio features
         self.spotify = cf.ThreadPoolExecutor(settings.spotify_imports, thread_name_prefix="msr-spotify")
         self.importing = 0
@@ -393,13 +421,14 @@ def _headers(scope) -> dict:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 def _api_key(headers: dict) -> str | None:
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ": return auth[7:].strip()
+    "The key a request carries: `Authorization: Bearer <key>` (or `token <key>`, as JupyterHub clients send it) or `X-API-Key`."
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() in ("bearer", "token") and value.strip(): return value.strip()
     return headers.get("x-api-key")
 
 @patch
-def _admit(self: Front, scope, headers: dict):
-    "The handler for a request that passes the Host, route, key and rate checks; else an HttpError."
+async def _admit(self: Front, scope, headers: dict) -> tuple:
+    "(the handler, who asks) for a request that passes the Host, route, key and rate checks; else an HttpError."
     if host_name(headers.get("host", "")) not in self.hosts:
         raise HttpError(400, "UNKNOWN_HOST", f"this service does not answer for Host {quote(headers.get('host'), 60)}")
     handler = self.routes.get((scope["method"], scope["path"]))
@@ -407,17 +436,21 @@ def _admit(self: Front, scope, headers: dict):
         allowed = sorted(m for m, p in self.routes if p == scope["path"])
         if allowed: raise HttpError(405, "METHOD_NOT_ALLOWED", f"{scope['path']} answers {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
         raise HttpError(404, "NOT_FOUND", f"no such endpoint: {quote(scope['path'], 60)}")
-    if handler == self._ping: return handler
-    client = f"ip:{(scope.get('client') or ('?',))[0]}"
+    if handler == self._ping: return handler, None
+    who, limit_as = None, f"ip:{(scope.get('client') or ('?',))[0]}"
     if self.keys_required:
-        name = self.keys.name_of(_api_key(headers))
-        if name is None:
-            raise HttpError(401, "UNAUTHENTICATED", "an API key is required: send 'Authorization: Bearer <key>' (keys: msr-keys)",
-                            {"WWW-Authenticate": "Bearer"})
-        client = f"key:{name}"
-    wait = self.limiter.wait(client)
+        key = _api_key(headers)
+        name = self.keys.name_of(key)
+        if name is not None: who = limit_as = f"key:{name}"
+        elif self.hub is not None and key:
+            name = await asyncio.get_running_loop().run_in_executor(None, self.hub.user_of, key)
+            if name is not None: who, limit_as = name, f"hub:{name}"
+        if who is None:
+            raise HttpError(401, "UNAUTHENTICATED", "an API key is required: send 'Authorization: Bearer <key>' (keys: msr-keys"
+                            + (", or your JupyterHub API token" if self.hub is not None else "") + ")", {"WWW-Authenticate": "Bearer"})
+    wait = self.limiter.wait(limit_as)
     if wait: raise HttpError(429, "RATE_LIMITED", f"too many requests; try again in {wait:.1f} s", {"Retry-After": str(math.ceil(wait))})
-    return handler
+    return handler, who
 
 # %% ../nbs/13b_api.ipynb #5101ae12
 @patch
@@ -535,9 +568,9 @@ async def _gone(receive):
 async def __call__(self: Front, scope, receive, send):
     "The ASGI entry point (HTTP only; lifespan is off)."
     if scope["type"] != "http": return
-    headers, reply, disconnected, state = _headers(scope), None, None, {"read": scope["method"] != "POST"}
+    headers, reply, disconnected, state, who = _headers(scope), None, None, {"read": scope["method"] != "POST"}, None
     try:
-        handler = self._admit(scope, headers)
+        handler, who = await self._admit(scope, headers)
         body = await self._body(scope, receive, headers, state) if scope["method"] == "POST" else None
         if scope["method"] == "POST" and body is None: return  # the client left
         disconnected = asyncio.ensure_future(_gone(receive))  # completes if the client leaves while we work
@@ -554,7 +587,7 @@ async def __call__(self: Front, scope, receive, send):
     if reply.logs and self.monitor is not None:
         source = headers.get("x-msr-source", "rest")
         source = source if SOURCE_RE.fullmatch(source) else "rest"
-        for row in reply.logs: self.monitor.record(source, *row)
+        for row in reply.logs: self.monitor.record(source, *row, client=who)
 
 # %% ../nbs/13b_api.ipynb #adbdba6e
 @patch
@@ -625,9 +658,9 @@ def send_400_response(self: MsrH11, msg: str):
 
 # %% ../nbs/13b_api.ipynb #3d5339c8
 def check_bind(settings: ServeSettings, keys: ApiKeys):
-    "Refuse (ValueError naming the fix) to serve beyond loopback without API keys, or on every address without allowed_hosts."
+    "Refuse (ValueError naming the fix) to serve beyond loopback without API keys (or a hub), or on every address without allowed_hosts."
     if is_loopback(settings.host): return
-    if not keys.configured:
+    if not keys.configured and not settings.hub_api_url:
         raise ValueError(f"msr-serve binds {settings.host}, beyond this machine, and no API keys are configured in {keys.path}: "
                          "make one with `msr-keys add NAME` (or bind 127.0.0.1)")
     if settings.host in ("0.0.0.0", "::") and not settings.allowed_hosts:
@@ -657,7 +690,7 @@ def serve(settings: ServeSettings, model_uri: str = CHAMPION_URI):
     monitor = open_monitor(load_params(section="monitor"))
     pool = ModelPool(model_uri, settings.workers, settings.max_pending, settings.request_timeout,
                      str(monitor.path) if monitor is not None else None)
-    front = Front(settings, pool, keys, monitor)
+    front = Front(settings, pool, keys, monitor, HubUsers(settings.hub_api_url) if settings.hub_api_url else None)
     protocol = type("MsrH11", (MsrH11,), {"header_timeout": settings.header_timeout, "max_connections": settings.max_connections})
     config = uvicorn.Config(front, http=protocol, lifespan="off", ws="none", access_log=False, server_header=False,
                             timeout_keep_alive=settings.keep_alive, log_level="warning")
@@ -677,11 +710,12 @@ def main(host: Param("address to bind (default: params.yaml's serve.host)", str)
          workers: Param("model processes (serve.workers)", int) = None,
          rate: Param("requests per second per client, 0 for no limit (serve.rate)", float) = None,
          burst: Param("requests per client at once (serve.burst)", int) = None,
+         hub: Param("a JupyterHub API URL whose users' tokens work as API keys (serve.hub_api_url)", str) = None,
          model: Param("model URI, or 'local' for the train stage's model file", str) = CHAMPION_URI):
     "Serve the registered champion over REST: msr's strict front in front of a pool of model processes."
     os.chdir(project_root())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try: settings = ServeSettings.from_params(host=host, port=port, workers=workers, rate=rate, burst=burst)
+    try: settings = ServeSettings.from_params(host=host, port=port, workers=workers, rate=rate, burst=burst, hub_api_url=hub)
     except KeyError as e: raise SystemExit(str(e)) from None
     try: serve(settings, model)
     except (ValueError, OSError) as e: raise SystemExit(f"msr-serve: {e}") from None

@@ -45,7 +45,8 @@ create table if not exists served (
     results text not null,       -- JSON list of the recommended track ids, best first
     similarity real,             -- mean cosine similarity of the results to the seeds' audio profile
     diversity real,              -- share of distinct artists among the results
-    seconds real                 -- time to answer
+    seconds real,                -- time to answer
+    client text                  -- who asked: an API key's or a hub user's name (null: no key on loopback)
 );
 create table if not exists served_tracks (  -- every track ever recommended, for the catalogue coverage
     track_id text primary key,
@@ -99,6 +100,9 @@ def _writer(self: MonitorLog) -> sqlite3.Connection:
     try:
         con.execute("pragma journal_mode=wal")
         con.execute("pragma synchronous=normal")
+        if con.execute("select 1 from sqlite_master where name = 'served'").fetchone() and \
+           "client" not in {r[1] for r in con.execute("pragma table_info(served)")}:
+            con.execute("alter table served add column client text")  # a log written before clients were named
         con.executescript(_SCHEMA)
         if con.execute("select not exists (select 1 from served_tracks) and exists (select 1 from served)").fetchone()[0]:
             with con: con.execute(_BACKFILL)  # a log written before served_tracks existed
@@ -138,10 +142,12 @@ def health(self: MonitorLog) -> dict:
 @patch
 def record(self: MonitorLog, source: str, model: str, seeds: list, results: list, k: int,
            genre: str | None = None, similarity: float | None = None,
-           diversity: float | None = None, seconds: float | None = None) -> None:
+           diversity: float | None = None, seconds: float | None = None,
+           client: str | None = None,  # who asked (an API key's or a hub user's name)
+          ) -> None:
     "Queue one served answer for the writer (dropped, and counted, if the queue is full)."
     row = (time.time(), source, model, genre, int(k), json.dumps(list(seeds)), json.dumps(list(results)),
-           _num(similarity), _num(diversity), _num(seconds))
+           _num(similarity), _num(diversity), _num(seconds), client)
     try: self.queue.put_nowait(row)
     except queue.Full:
         self.dropped += 1
@@ -157,8 +163,8 @@ _TRACKS = ("insert into served_tracks (track_id, last_ts) values (?, ?) "
            "on conflict (track_id) do update set last_ts = max(last_ts, excluded.last_ts)")
 _BACKFILL = ("insert or ignore into served_tracks (track_id, last_ts) "
              "select j.value, max(s.ts) from served s, json_each(s.results) j group by j.value")
-_INSERT = ("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds) "
-           "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("insert into served (ts, source, model, genre, k, seeds, results, similarity, diversity, seconds, client) "
+           "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 @patch
 def _run(self: MonitorLog):

@@ -295,6 +295,8 @@ def test_api_keys_and_rate_limit(strict_server, seeds):
     assert 1 <= int(headers["retry-after"]) <= 2
     time.sleep(int(headers["retry-after"]))
     assert call(url, body={"dataframe_records": [{"seeds": seeds, "k": 2}]}, headers={"Authorization": f"Bearer {key}"})[0] == 200
+    log = logged(strict_server[2] / "served.sqlite", at_least=4)
+    assert log["client"].tolist() == ["key:tester"] * 4  # answers are logged under the key's name
 
 
 def test_slow_clients_get_408(strict_server):
