@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import closing
 import urllib.error
 import urllib.request
 
@@ -65,10 +66,14 @@ def logged(db, at_least: int = 0, timeout: float = 10.0) -> pd.DataFrame:
     just after the answer (best effort, never in the request's way), so wait for `at_least` rows and for no
     more to arrive for 0.3 s."""
     deadline, last, stable_since = time.monotonic() + timeout, None, time.monotonic()
+    empty = pd.DataFrame(columns=["id", "source", "model", "seeds", "similarity", "client"])
     while True:
-        if db.exists():
-            with sqlite3.connect(db) as con: df = pd.read_sql_query("select * from served order by id", con)
-        else: df = pd.DataFrame(columns=["id", "source", "model", "seeds", "similarity"])
+        df = empty
+        if db.exists():  # opened read-only: reading must not create the file the server's writer is about to make
+            try:
+                with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                    df = pd.read_sql_query("select * from served order by id", con)
+            except (sqlite3.OperationalError, pd.errors.DatabaseError): pass  # the writer has made the file, not yet its table
         if len(df) != last: last, stable_since = len(df), time.monotonic()
         if (len(df) >= at_least and time.monotonic() - stable_since >= 0.3) or time.monotonic() > deadline: return df
         time.sleep(0.05)
