@@ -232,6 +232,11 @@ def test_signup_approval_login_and_recommendations(hub, browser, admin, served_p
         page.screenshot(path=str(SCREENSHOTS / "hub-dashboard.png"), full_page=True)
         page.goto(f"{hub.url}/hub/spawn")  # no server of one's own
         assert page.locator(".msr-go").count() == 0 and "/user/" not in page.url
+        page.goto(f"{hub.url}/services/dashboard/")
+        page.click(".msr-user a:has-text('log out')")  # out of the dashboard and the hub
+        page.wait_for_load_state()
+        page.goto(f"{hub.url}/services/dashboard/")
+        assert "/hub/login" in page.url and page.locator(".msr-go").count() == 0
     finally: page.context.close()
     with capsys.disabled(): print(f"\nhub: first dashboard render {first_render:.2f} s after the login form was sent")
     assert first_render < 15, first_render
