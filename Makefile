@@ -4,6 +4,7 @@
 #   make test       set up .venv, check notebooks and library are in sync, ruff, nbdev_test and pytest
 #   make serve      serve the registered champion over REST (msr-serve) on 127.0.0.1
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
+#   make hub        JupyterHub on 127.0.0.1: accounts (signup, admin approval) and the dashboard as its service
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`, and wrk: apt-get install wrk)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,7 +15,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8866
 
-.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard
+.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard hub hub-proxy
 
 setup: $(STAMP)
 
@@ -61,7 +62,7 @@ lint: setup
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2
 
-pytest: setup
+pytest: setup hub-proxy
 	$(BIN)/python -m pytest
 
 test: sync-check lint nbtest pytest
@@ -87,24 +88,49 @@ serve: setup
 DASHBOARD_API = $${MSR_API_URL:-http://127.0.0.1:$(or $(SERVE_PORT),$$($(BIN)/python -c "from msr.core import load_params; print(load_params(section='serve')['port'])"))}
 API_HEALTHY = $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/health', timeout=2)" 2>/dev/null
 
-dashboard: setup
-	@api=$(DASHBOARD_API); \
+# Start the REST service the dashboard's pages ask (as `make serve` does) when none answers $$api/health and none was named.
+define ENSURE_API
+api=$(DASHBOARD_API); \
 	if ! $(API_HEALTHY) $$api; then \
 	  if [ -z "$${MSR_API_URL:-}" ] && [ -x $(BIN)/msr-serve ]; then \
-	    echo "msr dashboard: no REST service answers $$api/health; starting one (make serve SERVE_HOST=127.0.0.1)"; \
+	    echo "msr $@: no REST service answers $$api/health; starting one (make serve SERVE_HOST=127.0.0.1)"; \
 	    setsid $(MAKE) --no-print-directory serve SERVE_HOST=127.0.0.1 & serve_pid=$$!; \
 	    trap 'kill -- -'$$serve_pid' 2>/dev/null' EXIT INT TERM; \
 	    for i in $$(seq 180); do $(API_HEALTHY) $$api && break; sleep 1; done; \
-	    $(API_HEALTHY) $$api || { echo "msr dashboard: the REST service did not come up on $$api"; exit 1; }; \
-	  else echo "msr dashboard: no REST service answers $$api/health. Start it first (make serve, in another terminal)," \
+	    $(API_HEALTHY) $$api || { echo "msr $@: the REST service did not come up on $$api"; exit 1; }; \
+	  else echo "msr $@: no REST service answers $$api/health. Start it first (make serve, in another terminal)," \
 	    "or point MSR_API_URL at one."; exit 1; fi; fi; \
-	export MSR_API_URL=$$api; \
+	export MSR_API_URL=$$api
+endef
+
+dashboard: setup
+	@$(ENSURE_API); \
 	if [ -n "$${MSR_DASHBOARD_TOKEN_FILE:-}" ]; then export JUPYTER_TOKEN_FILE="$$MSR_DASHBOARD_TOKEN_FILE"; \
 	  echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=<the token in $$MSR_DASHBOARD_TOKEN_FILE>"; \
 	else export JUPYTER_TOKEN="$${MSR_DASHBOARD_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))')}"; \
 	  echo "msr dashboard: http://$(HOST):$(DASHBOARD_PORT)/?token=$$JUPYTER_TOKEN"; fi; \
 	$(BIN)/voila nbs/dashboard.ipynb --no-browser --strip_sources=True --Voila.ip=$(HOST) --port=$(DASHBOARD_PORT) --Voila.auto_token=True \
 	  $$($(BIN)/python -c 'from msr.pages import VOILA_ARGS; print(*VOILA_ARGS)')
+
+# configurable-http-proxy, the hub's proxy, from the npm registry into the project (.hub/, gitignored), never globally.
+# `hub-proxy` tries and goes on without it (the hub's tests then skip and say why); `make hub` needs it.
+CHP_VERSION := 5.3.0
+HUB_PROXY := .hub/node_modules/.bin/configurable-http-proxy
+$(HUB_PROXY):
+	npm install --prefix .hub --no-fund --no-audit --loglevel=error configurable-http-proxy@$(CHP_VERSION)
+
+hub-proxy:
+	@test -x $(HUB_PROXY) || $(MAKE) --no-print-directory $(HUB_PROXY) || \
+	  echo "make: configurable-http-proxy could not be installed from npm: the hub's tests will be skipped"
+
+# JupyterHub (msr.hub.configure via jupyterhub_config.py; settings in params.yaml's hub section) with the dashboard as its
+# service, everything on 127.0.0.1; people open http://127.0.0.1:<hub.port>/, sign up, and the admin approves them at /hub/authorize.
+# The first admin (MSR_HUB_ADMIN, else hub.admin) is made at the first start; its password comes from MSR_HUB_ADMIN_PASSWORD or a
+# 0600 file named by MSR_HUB_ADMIN_PASSWORD_FILE, else msr writes a new one to <hub.state>/admin-password (0600) and says so.
+# The REST service is found or started as for `make dashboard`.
+hub: setup $(HUB_PROXY)
+	@$(ENSURE_API); \
+	$(BIN)/jupyterhub -f jupyterhub_config.py
 
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py --runs 5

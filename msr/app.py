@@ -12,6 +12,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 
 import ipywidgets as W
 from fastcore.basics import patch
@@ -20,7 +21,8 @@ from IPython.display import display
 from .core import TRACK_ID, load_params, project_root
 
 # %% auto #0
-__all__ = ['PROFILE_COLOURS', 'ApiError', 'Api', 'dashboard_params', 'results_html', 'summary_html', 'profile_html', 'Dashboard']
+__all__ = ['PROFILE_COLOURS', 'ApiError', 'Api', 'dashboard_params', 'results_html', 'summary_html', 'profile_html', 'PageUser',
+           'page_user', 'Dashboard']
 
 # %% ../nbs/14_app.ipynb #5ad2a134
 class ApiError(Exception):
@@ -129,11 +131,29 @@ def profile_html(profile: dict) -> str:
     return (f"<div class='msr-profile'><b>Audio profile</b> · standard deviations from the catalogue mean (±{scale:.1f} at the edges)"
             f"<table style='font-size:12px'>{rows}</table>{legend}</div>")
 
+# %% ../nbs/14_app.ipynb #4e8002b4
+@dataclass(frozen=True)
+class PageUser:
+    "The hub user a page belongs to."
+    name: str
+    admin: bool = False  # a hub admin
+    groups: tuple[str, ...] = ()  # the hub groups they were in when the page opened
+
+    def in_group(self, group: str) -> bool: return group in self.groups
+
+def page_user() -> PageUser | None:
+    "Who opened this page (`MSR_USER`, `MSR_USER_ADMIN`, `MSR_USER_GROUPS`, set by the hub's service), or None outside the hub."
+    name = os.environ.get("MSR_USER")
+    if not name: return None
+    return PageUser(name, os.environ.get("MSR_USER_ADMIN") == "1", tuple(json.loads(os.environ.get("MSR_USER_GROUPS") or "[]")))
+
 # %% ../nbs/14_app.ipynb #f9276507
 class Dashboard:
     "The msr dashboard: recommend and monitor tabs, asking msr's REST service."
-    def __init__(self, api: Api):  # the REST service's client
-        self.api = api
+    def __init__(self, api: Api,  # the REST service's client
+                 user: PageUser | None = None,  # who opened the page (under the hub), else None
+                ):
+        self.api, self.user = api, user
         self.info = api.get("/v1/catalogue")
         self.picked: list = []  # catalogue track ids and track records of songs the catalogue does not hold
         self.labels: dict = {}  # 'Title — Artist' of the catalogue tracks found so far, by id
@@ -193,8 +213,10 @@ def _answer_widgets(self: Dashboard):
 @patch
 def _layout(self: Dashboard):
     "The header over the Recommend and Monitor tabs."
-    i = self.info
-    header = W.HTML(f"<h2>msr — continue a playlist</h2><p>{i['tracks']:,} tracks · {i['playlists']:,} playlists · "
+    i, u = self.info, self.user
+    signed_in = "" if u is None else (f"<p class='msr-user'>signed in as <b class='msr-user-name'>{html.escape(u.name)}</b> · "
+                                      f"<a href='{html.escape(os.environ.get('VOILA_BASE_URL', '/'))}logout'>log out</a></p>")
+    header = W.HTML(f"<h2>msr — continue a playlist</h2>{signed_in}<p>{i['tracks']:,} tracks · {i['playlists']:,} playlists · "
                     f"model <b class='msr-model-header'>{html.escape(i['model_version'])}</b></p>")
     recommend = W.VBox([self.mode, self.playlist_box, self.track_box, self.spotify_box, self.k, self.go, self.status,
                         self.results, self.plot])
@@ -375,8 +397,8 @@ def show(self: Dashboard):
 
 @patch(cls_method=True)
 def launch(cls: Dashboard, api: Api | None = None) -> Dashboard | None:
-    "Show the dashboard over `api` (default: `Api.from_env()`), or a message saying why it cannot start."
-    try: dashboard = cls(api or Api.from_env())
+    "Show the dashboard over `api` (default: `Api.from_env()`) for the page's user, or a message saying why it cannot start."
+    try: dashboard = cls(api or Api.from_env(), page_user())
     except Exception as e:
         message = str(e) if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
         display(W.HTML(f"<p class='msr-error' style='color:#b00020'><b>msr cannot start:</b> {html.escape(message)}</p>"))

@@ -1,0 +1,307 @@
+"""msr's JupyterHub (`make hub`: msr.hub.configure through jupyterhub_config.py) for real: the hub, its proxy from npm, the
+dashboard as its voila service asking the session's REST service, and Debian's chromium driven by playwright. One hub
+for the module; the tests run in order (signup, approval, login, lockout, and the login rate limit last)."""
+from __future__ import annotations
+
+import re
+import secrets
+import signal
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import BIN, ROOT, free_port, served_env, set_params, start_server
+from msr.hub import PROXY, proxy_command
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOTS = ROOT / "outputs" / "screenshots"
+ADMIN, USER, STRANGER = "boss", "ada", "eve"
+PASSWORDS = {ADMIN: secrets.token_urlsafe(16), USER: "ada's long password 1", STRANGER: "eve's long password 2"}
+FAILS = 3  # hub.allowed_failed_logins of this module's hub
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+try: proxy_command()
+except FileNotFoundError:
+    pytest.skip(f"configurable-http-proxy is not at {PROXY}: npm could not install it (make hub-proxy)", allow_module_level=True)
+
+
+class Hub:
+    "A running hub: its address, project folder, state folder, log and process."
+    def __init__(self, url, project, state, log, proc, service):
+        self.url, self.project, self.state, self.log, self.proc, self.service = url, project, state, log, proc, service
+
+    def processes(self) -> dict[str, psutil.Process]:
+        "The hub, its proxy and the dashboard service (voila), by role."
+        hub = psutil.Process(self.proc.pid)
+        found = {"hub": hub}
+        for child in hub.children():
+            line = " ".join(child.cmdline())
+            if "configurable-http-proxy" in line: found["proxy"] = child
+            elif "voila" in line: found["voila"] = child
+        return found
+
+    def kernels(self) -> list[psutil.Process]:
+        return [k for k in self.processes()["voila"].children(recursive=True)
+                if k.status() != psutil.STATUS_ZOMBIE and "ipykernel_launcher" in " ".join(k.cmdline())]
+
+
+def stop_hub(proc):
+    "The hub takes 30-60 s to stop by itself: SIGTERM, a short wait, then SIGKILL for it and everything it started."
+    try: family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess: return
+    proc.send_signal(signal.SIGTERM)
+    try: proc.wait(timeout=3)
+    except Exception: pass
+    for p in family:
+        try: p.kill()
+        except psutil.NoSuchProcess: pass
+    psutil.wait_procs(family, timeout=10)
+
+
+def fetch(url: str, headers: dict | None = None) -> tuple[int, str, str]:
+    "(status, final URL, body) of a GET without cookies, redirects followed."
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+            return r.status, r.url, r.read().decode()
+    except urllib.error.HTTPError as e: return e.code, e.url, e.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def hub(served_project, msr_server, tmp_path_factory):
+    """`jupyterhub -f jupyterhub_config.py` (what `make hub` runs) over a project folder of its own (free ports, lockout after
+    3 failures, a login burst the module's logins fit in), its dashboard pages asking the session's msr-serve."""
+    project = tmp_path_factory.mktemp("hub-project")
+    for f in ("params.yaml", "dvc.yaml"): (project / f).write_text((ROOT / f).read_text())
+    port, service_port = free_port(), free_port()
+    set_params(project, hub={"port": port, "hub_port": free_port(), "proxy_api_port": free_port(), "service_port": service_port,
+                             "allowed_failed_logins": FAILS, "lockout_seconds": 600, "login_rate": 6, "login_burst": 20})
+    env = {**served_env(served_project, project / "unused.sqlite"), "MSR_PROJECT_DIR": str(project), "MSR_API_URL": msr_server.url,
+           "MSR_HUB_ADMIN": ADMIN, "MSR_HUB_ADMIN_PASSWORD": PASSWORDS[ADMIN]}  # as `make hub` takes them: in the environment
+    log = project / "hub.log"
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server([str(BIN / "jupyterhub"), "-f", str(ROOT / "jupyterhub_config.py")], project, env, f"{url}/hub/login", log)
+    try:
+        deadline = time.monotonic() + 120
+        while "/hub/login" not in fetch(f"{url}/services/dashboard/")[1]:  # the service answers (through the proxy)
+            assert time.monotonic() < deadline, f"the dashboard service did not come up:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield Hub(url, project, project / "data" / "hub", log, proc, service_port)
+    finally: stop_hub(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try: yield b
+        finally: b.close()
+
+
+def new_page(browser):
+    return browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
+
+
+def log_in(page, hub: Hub, name: str, password: str | None = None):
+    "Fill the hub's login form and send it (the browser lands wherever the hub sends it)."
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", PASSWORDS[name] if password is None else password)
+    page.click("#login_submit")
+    page.wait_for_load_state()
+
+
+def sign_up(browser, hub: Hub, name: str) -> str:
+    "Sign `name` up in a browser of its own; the message the hub answers."
+    page = new_page(browser)
+    try:
+        page.goto(f"{hub.url}/hub/signup")
+        page.fill("input[name=username]", name)
+        page.fill("input[name=signup_password]", PASSWORDS[name])
+        page.fill("input[name=signup_password_confirmation]", PASSWORDS[name])
+        page.click("#signup_submit, input[type=submit], button[type=submit]")
+        page.wait_for_selector(".alert", timeout=30_000)
+        return page.inner_text(".alert")
+    finally: page.context.close()
+
+
+def authorized(hub: Hub, name: str) -> bool | None:
+    "NativeAuthenticator's approval of `name` in the hub's database (None: no such signup)."
+    with sqlite3.connect(hub.state / "jupyterhub.sqlite") as con:
+        row = con.execute("select is_authorized from users_info where username = ?", (name,)).fetchone()
+    return None if row is None else bool(row[0])
+
+
+@pytest.fixture(scope="module")
+def admin(hub, browser):
+    "The first admin, logged in, in a browser of their own."
+    page = new_page(browser)
+    log_in(page, hub, ADMIN)
+    page.wait_for_selector(".msr-go", timeout=60_000)  # the admin lands on the dashboard too
+    try: yield page
+    finally: page.context.close()
+
+
+ROUTES = ["/", "/hub/", "/hub/home", "/hub/admin", "/hub/authorize", "/hub/token", "/hub/change-password",
+          f"/hub/change-password/{ADMIN}", "/hub/spawn", f"/hub/user/{ADMIN}/", f"/user/{ADMIN}/", "/services/dashboard/",
+          "/services/dashboard/?voila=1", "/services/dashboard/voila/render/dashboard.ipynb"]
+
+
+def test_signed_out_visits_go_to_login(hub):
+    for route in ROUTES:
+        status, final, body = fetch(hub.url + route)
+        assert status == 200 and final.startswith(f"{hub.url}/hub/login"), (route, status, final)
+        assert "msr-go" not in body
+    for route in (f"/hub/authorize/{ADMIN}", f"/hub/discard/{ADMIN}"):  # approve/discard: a login, else a refusal
+        status, final, _ = fetch(hub.url + route, {"Sec-Fetch-Site": "same-origin"})
+        assert final.startswith(f"{hub.url}/hub/login") or status == 403, (route, status, final)
+    for route in ("/hub/api/users", "/services/dashboard/api/kernels", "/services/dashboard/api/kernels/x/channels"):
+        status, final, _ = fetch(hub.url + route)
+        assert status in (401, 403) or final.startswith(f"{hub.url}/hub/login"), (route, status, final)
+
+
+def test_state_is_private_and_secrets_stay_off_command_lines(hub):
+    for name in ("jupyterhub.sqlite", "jupyterhub_cookie_secret"):
+        assert (hub.state / name).stat().st_mode & 0o777 == 0o600, name
+    assert hub.state.stat().st_mode & 0o777 == 0o700
+    assert not (hub.state / "admin-password").exists()  # the admin's password came from the environment
+    procs = hub.processes()
+    assert set(procs) == {"hub", "proxy", "voila"}, procs
+    secrets_ = {"admin password": PASSWORDS[ADMIN],
+                "proxy token": procs["proxy"].environ()["CONFIGPROXY_AUTH_TOKEN"],
+                "service token": procs["voila"].environ()["JUPYTERHUB_API_TOKEN"]}
+    for role, p in procs.items():
+        line = Path(f"/proc/{p.pid}/cmdline").read_bytes().decode()
+        for what, value in secrets_.items(): assert value not in line, f"the {what} is on the {role}'s command line"
+    for role in ("proxy", "voila"):  # read once by the hub, never handed on
+        assert "MSR_HUB_ADMIN_PASSWORD" not in procs[role].environ(), role
+    assert PASSWORDS[ADMIN] not in hub.log.read_text()
+
+
+def test_an_unapproved_user_is_refused(hub, browser):
+    assert "sent to the admin" in sign_up(browser, hub, STRANGER)
+    assert authorized(hub, STRANGER) is False
+    page = new_page(browser)
+    try:
+        log_in(page, hub, STRANGER)
+        assert f"User {STRANGER} has not been authorized" in page.inner_text("body")
+        page.goto(f"{hub.url}/services/dashboard/")
+        assert "/hub/login" in page.url and page.locator(".msr-go").count() == 0
+    finally: page.context.close()
+
+
+def test_signup_approval_login_and_recommendations(hub, browser, admin, served_project, capsys):
+    "A person signs up, the admin approves them on the hub's page, they log in and get 20 recommendations."
+    import pandas as pd
+    assert "sent to the admin" in sign_up(browser, hub, USER)
+    admin.goto(f"{hub.url}/hub/authorize")
+    admin.click(f"tr#{USER} a:has-text('Authorize')")  # the admin's own click (Sec-Fetch-Site: same-origin)
+    admin.wait_for_selector(f"tr#{USER}.success")
+    assert authorized(hub, USER) is True
+    page = new_page(browser)
+    try:
+        t0 = time.perf_counter()
+        log_in(page, hub, USER)
+        page.wait_for_selector(".msr-go", timeout=60_000)
+        first_render = time.perf_counter() - t0
+        assert page.url == f"{hub.url}/services/dashboard/"
+        assert page.inner_text(".msr-user-name") == USER
+        (kernel,) = hub.kernels()[-1:]
+        env = kernel.environ()
+        assert (env["MSR_USER"], env["MSR_USER_ADMIN"], env["MSR_USER_GROUPS"]) == (USER, "", "[]")
+        assert not [k for k in env if k.startswith("JUPYTERHUB_")]  # the service's hub token stays in voila
+        pt = pd.read_parquet(served_project / "data/processed/playlist_tracks.parquet")
+        words = [w.lower() for w in pt["playlist_name"].value_counts().index[0].split()[:2]]
+        page.fill(".msr-playlist-search input", " ".join(words))
+        page.wait_for_function(
+            """words => { const o = [...document.querySelectorAll('.msr-playlist select option')].map(e => e.textContent.toLowerCase());
+                         return o.length > 0 && o.every(t => words.every(w => t.includes(w))); }""", arg=words, timeout=30_000)
+        page.locator(".msr-playlist select").select_option(index=0)
+        page.click(".msr-go")
+        page.wait_for_selector("tr.msr-rec", timeout=60_000)
+        assert page.locator("tr.msr-rec").count() == 20
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "hub-dashboard.png"), full_page=True)
+        page.goto(f"{hub.url}/hub/spawn")  # no server of one's own
+        assert page.locator(".msr-go").count() == 0 and "/user/" not in page.url
+        page.goto(f"{hub.url}/services/dashboard/")
+        page.click(".msr-user a:has-text('log out')")  # out of the dashboard and the hub
+        page.wait_for_load_state()
+        page.goto(f"{hub.url}/services/dashboard/")
+        assert "/hub/login" in page.url and page.locator(".msr-go").count() == 0
+    finally: page.context.close()
+    with capsys.disabled(): print(f"\nhub: first dashboard render {first_render:.2f} s after the login form was sent")
+    assert first_render < 15, first_render
+
+
+def test_admin_page_knows_its_user(admin, hub):
+    admin.goto(f"{hub.url}/services/dashboard/")
+    admin.wait_for_selector(".msr-go", timeout=60_000)
+    assert admin.inner_text(".msr-user-name") == ADMIN
+    kernels = [k.environ() for k in hub.kernels()]
+    assert any(e["MSR_USER"] == ADMIN and e["MSR_USER_ADMIN"] == "1" and "msr-admins" in e["MSR_USER_GROUPS"] for e in kernels)
+
+
+def test_cross_site_approval_is_refused(hub, admin, browser, http_server):
+    """A link on another site, followed by the signed-in admin's browser, approves nobody; nor does a forged cross-site GET,
+    nor a link that has the admin log in on the hub's own form and then sends them on to an approval."""
+    other, routes = http_server
+    routes["/"] = (200, {"Content-Type": "text/html"},
+                   f"<a id='go' href='{hub.url}/hub/authorize/{STRANGER}'>win a prize</a>".encode())
+    admin.goto(other + "/")
+    admin.click("#go")
+    admin.wait_for_load_state()
+    assert "Sec-Fetch-Site" in admin.inner_text("body") and authorized(hub, STRANGER) is False
+    for action in ("authorize", "discard"):
+        r = admin.context.request.get(f"{hub.url}/hub/{action}/{STRANGER}", headers={"Sec-Fetch-Site": "cross-site"}, max_redirects=0)
+        assert r.status == 403, (action, r.status)
+    assert authorized(hub, STRANGER) is False  # neither approved nor discarded
+    page = new_page(browser)
+    try:
+        page.goto(f"{hub.url}/hub/login?next=%2Fhub%2Fauthorize%2F{STRANGER}")
+        page.fill("input[name=username]", ADMIN)
+        page.fill("input[name=password]", PASSWORDS[ADMIN])
+        page.click("#login_submit")
+        page.wait_for_load_state()
+        assert "Referer" in page.inner_text("body") and authorized(hub, STRANGER) is False
+    finally: page.context.close()
+    admin.goto(f"{hub.url}/hub/authorize")  # from the hub's own page, the same click works
+    admin.click(f"tr#{STRANGER} a:has-text('Discard')")
+    admin.wait_for_url(re.compile(r".*/hub/authorize"))
+    assert authorized(hub, STRANGER) is None
+
+
+def test_lockout_after_failed_logins(hub, browser):
+    page = new_page(browser)
+    try:
+        for _ in range(FAILS):
+            log_in(page, hub, USER, "not the password")
+            assert "Invalid username or password" in page.inner_text("body")
+        log_in(page, hub, USER)  # the right password, too late
+        assert "Too many failed logins for this name" in page.inner_text("body")
+        assert page.locator(".msr-go").count() == 0 and "/hub/login" in page.url
+    finally: page.context.close()
+
+
+def test_login_rate_limit(hub, browser):
+    "Past the burst, a client's login attempts get 429 before any password is checked (the last test: it spends the burst)."
+    page = new_page(browser)
+    try:
+        page.goto(f"{hub.url}/hub/login")
+        xsrf = page.locator("input[name=_xsrf]").get_attribute("value")
+        statuses = []
+        for i in range(30):
+            r = page.context.request.post(f"{hub.url}/hub/login", form={"_xsrf": xsrf, "username": f"nobody{i}", "password": "x"})
+            statuses.append(r.status)
+            if r.status == 429: break
+        assert statuses[-1] == 429 and int(r.headers["retry-after"]) > 0, statuses
+        assert "Too many login attempts from your address" in r.text()
+    finally: page.context.close()
