@@ -74,10 +74,10 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 # The registry's champion behind msr's strict REST front, msr-serve, configured by params.yaml's serve section
-# (SERVE_HOST, SERVE_PORT, SERVE_WORKERS override it). Beyond loopback it needs API keys: `.venv/bin/msr-keys add NAME`.
+# (SERVE_HOST, SERVE_PORT, SERVE_WORKERS, SERVE_HUB override it). Beyond loopback it needs API keys: `.venv/bin/msr-keys add NAME`.
 serve: setup
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/msr-serve $(if $(SERVE_HOST),--host $(SERVE_HOST)) \
-	  $(if $(SERVE_PORT),--port $(SERVE_PORT)) $(if $(SERVE_WORKERS),--workers $(SERVE_WORKERS))
+	  $(if $(SERVE_PORT),--port $(SERVE_PORT)) $(if $(SERVE_WORKERS),--workers $(SERVE_WORKERS)) $(if $(SERVE_HUB),--hub $(SERVE_HUB))
 
 # The dashboard: code hidden, Jupyter token auth. The token (MSR_DASHBOARD_TOKEN, or a file named by
 # MSR_DASHBOARD_TOKEN_FILE, or a fresh random one) reaches voila through its environment, never its

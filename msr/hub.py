@@ -302,7 +302,8 @@ def configure(c,  # JupyterHub's config object (`c` in jupyterhub_config.py)
         c.MsrAuthenticator.admin_password = os.environ.pop("MSR_HUB_ADMIN_PASSWORD")
     c.JupyterHub.load_groups = {p["admin_group"]: {"users": [admin]}}
     c.JupyterHub.load_roles = [{"name": "user", "description": "msr's dashboard, and one's own name and groups",
-                                "scopes": [f"access:services!service={name}", "read:users:name!user", "read:users:groups!user"]}]
+                                "scopes": [f"access:services!service={name}", "read:users:name!user", "read:users:groups!user",
+                                "tokens!user"]}]  # their own API tokens (/hub/token): a person's key for msr-serve
     c.JupyterHub.services = [{"name": name, "url": f"http://127.0.0.1:{p['service_port']}", "command": service_command(name, p["service_port"]),
                               "oauth_no_confirm": True, "environment": service_env(root), "display": False}]
     c.JupyterHub.default_url = prefix

@@ -305,3 +305,30 @@ def test_login_rate_limit(hub, browser):
         assert statuses[-1] == 429 and int(r.headers["retry-after"]) > 0, statuses
         assert "Too many login attempts from your address" in r.text()
     finally: page.context.close()
+
+
+def test_rest_takes_a_users_hub_token(hub, served_project, tmp_path):
+    """msr-serve beside the hub (serve.hub_api_url): a person's hub API token works as an API key, and their answers are
+    rate-limited and logged under their name; with a hub configured, a request with no key or a wrong one is refused."""
+    import json
+    from test_api import call
+    request = urllib.request.Request(f"{hub.url}/hub/api/users/{ADMIN}/tokens", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"auth": {"username": ADMIN, "password": PASSWORDS[ADMIN]},  # as a script gets one
+                                                      "note": "msr REST", "expires_in": 600}).encode())
+    with urllib.request.urlopen(request, timeout=30) as r: token = json.load(r)["token"]
+    port, db = free_port(), tmp_path / "served.sqlite"
+    proc = start_server([str(BIN / "msr-serve"), "--port", str(port), "--hub", f"{hub.url}/hub/api"], served_project,
+                        served_env(served_project, db), f"tcp://127.0.0.1:{port}", tmp_path / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        from test_serve import logged, playlist_seeds
+        body = {"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 3}]}
+        for headers in ({}, {"Authorization": "token not-a-hub-token"}):
+            status, _, answer = call(url, body=body, headers=headers)
+            assert status == 401 and "JupyterHub API token" in answer["message"], answer
+        status, _, answer = call(url, body=body, headers={"Authorization": f"token {token}"})
+        assert status == 200 and len(answer["predictions"]) == 3, answer
+        assert call(url, body=body, headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert logged(db, at_least=2)["client"].tolist() == [ADMIN, ADMIN]
+        assert token not in (tmp_path / "serve.log").read_text()
+    finally: stop_hub(proc)
