@@ -30,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .catalogue import ROUTES
 from .core import atomic_path, load_params, project_root
 from .monitor import MonitorLog, open_monitor
+from .redact import redact_url
 from .serve import MAX_QUERIES, BadRequest, Unavailable, check_row, quote
 
 # %% auto #0
@@ -277,8 +278,12 @@ def load_champion(model_uri: str = CHAMPION_URI):
     os.environ["MSR_MONITOR_DB"] = "off"  # the pyfunc model opens the log when it loads; in msr-serve the front writes it
     if model_uri == "local": return Service.from_files(model_version="local data/models/recommender.pkl")
     import mlflow
+    from mlflow.exceptions import MlflowException
     mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().service
+    try: return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().service
+    except MlflowException as e:
+        raise ValueError(f"no model at {model_uri} in the registry at {redact_url(tracking_uri())} ({str(e)[:200]}): "
+                         "run `make run` (its register stage), or serve the train stage's file with --model local") from None
 
 # %% ../nbs/13b_api.ipynb #370a2d55
 @dataclass
@@ -296,10 +301,12 @@ class ModelProcess:
         return self._catalogue
 
 _PROCESS: ModelProcess | None = None  # set in each model process by `_start_process`
+_FAILED: str | None = None  # why the model could not be loaded (an initializer that raises would break the whole pool)
 
 def _start_process(model_uri: str, monitor_db: str | None):
-    global _PROCESS
-    _PROCESS = ModelProcess(load_champion(model_uri), monitor=MonitorLog(monitor_db) if monitor_db else None)
+    global _PROCESS, _FAILED
+    try: _PROCESS = ModelProcess(load_champion(model_uri), monitor=MonitorLog(monitor_db) if monitor_db else None)
+    except Exception as e: _FAILED = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
 
 # %% ../nbs/13b_api.ipynb #7bee9ba2
 def _finite(x):
@@ -327,6 +334,7 @@ def _predict(service, rows: list) -> tuple:
 def _work(task: tuple) -> tuple:
     "Run one task in a model process: ('predict', rows) or ('route', method, path, query, body) or ('info',)."
     kind, *args = task
+    if _PROCESS is None: return ("error", 503, "TEMPORARILY_UNAVAILABLE", f"the model could not be loaded: {_FAILED}"[:1000], None)
     try:
         if kind == "info":
             s = _PROCESS.service
@@ -357,8 +365,11 @@ def _start(self: ModelPool):
     self.executor = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_process,
                                            initargs=(self.model_uri, self.monitor_db))
     futures = [self.executor.submit(_work, ("info",)) for _ in range(self.workers)]
-    status, self.info, _ = futures[0].result()  # raises what loading raised, e.g. no champion
-    if status != "ok": raise RuntimeError(f"the model processes could not start: {self.info}")
+    first = futures[0].result()
+    if first[0] != "ok":
+        self.close()
+        raise ValueError(f"the model processes could not start: {first[3]}")
+    self.info = first[1]
     for f in futures[1:]: f.result()
 
 @patch

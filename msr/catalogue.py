@@ -18,31 +18,15 @@ import pandas as pd
 from fastcore.basics import patch
 
 from .core import GENRE, PLAYLIST_ID, PLAYLIST_TRACKS, TRACK_ID, TRACKS, load_params, project_root
-from .monitor import MonitorLog, plot_served
-from .registry import CHAMPION, MODEL_NAME
+from .monitor import plot_served
 from .seeds import normalize
 from .serve import Answer, BadRequest, Service, check_row, quote
 from .spotify import ImportedPlaylist
 
 # %% auto #0
-__all__ = ['MAX_TEXT', 'MONITOR_PLOT_ROWS', 'ROUTES', 'load_service', 'playlist_table', 'search_playlists', 'search_tracks',
-           'artist_table', 'search_artists', 'Catalogue', 'get_catalogue', 'get_playlists', 'get_playlist',
-           'get_tracks', 'get_artists', 'audio_profile', 'answer_payload', 'post_recommend', 'figure_png',
-           'get_monitor']
-
-# %% ../nbs/14a_catalogue.ipynb #4248dc18
-def load_service(monitor: MonitorLog | None = None) -> Service:
-    "The registry's champion as a `Service`, else the train stage's model file (its version label says which)."
-    from msr.tracking import tracking_uri
-    try:
-        import mlflow
-        mlflow.set_tracking_uri(tracking_uri())
-        served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{CHAMPION}")
-        service = served.unwrap_python_model().service
-    except Exception as e:  # no registry, no champion yet: the local model still answers
-        service = Service.from_files(model_version=f"local data/models/recommender.pkl (no registered champion: {type(e).__name__})")
-    service.monitor = monitor
-    return service
+__all__ = ['MAX_TEXT', 'MONITOR_PLOT_ROWS', 'ROUTES', 'playlist_table', 'search_playlists', 'search_tracks', 'artist_table',
+           'search_artists', 'Catalogue', 'get_catalogue', 'get_playlists', 'get_playlist', 'get_tracks', 'get_artists',
+           'audio_profile', 'answer_payload', 'post_recommend', 'figure_png', 'get_monitor']
 
 # %% ../nbs/14a_catalogue.ipynb #44f76385
 def playlist_table(playlist_tracks: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,7 @@ __all__ = ['SECRET_NAME', 'redact_url', 'is_secret_name', 'redact_params', 'reda
 def redact_url(source: str) -> str:
     "`source` with any user:password and query string replaced by `***` (paths and file URLs unchanged)."
     parts = urlsplit(str(source))
-    if not parts.scheme or parts.scheme == "file": return str(source)
+    if not parts.scheme or parts.scheme == "file" or ("@" not in parts.netloc and not parts.query): return str(source)  # nothing to hide
     netloc = parts.netloc.rsplit("@", 1)[-1]
     if "@" in parts.netloc: netloc = "***@" + netloc
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
