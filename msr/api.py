@@ -454,6 +454,8 @@ async def _admit(self: Front, scope, headers: dict) -> tuple:
         name = self.keys.name_of(key)
         if name is not None: who = limit_as = f"key:{name}"
         elif self.hub is not None and key:
+            wait = self.limiter.wait(limit_as)  # a key msr does not know costs a question to the hub: guesses are limited by address
+            if wait: raise HttpError(429, "RATE_LIMITED", f"too many requests; try again in {wait:.1f} s", {"Retry-After": str(math.ceil(wait))})
             name = await asyncio.get_running_loop().run_in_executor(None, self.hub.user_of, key)
             if name is not None: who, limit_as = name, f"hub:{name}"
         if who is None:
