@@ -276,9 +276,12 @@ def _act(a, root: Path, hub: Hub) -> dict:
     if a.command == "audit": return {"rows": audit_rows(root)}
     if a.command == "accounts": return {"accounts": hub.accounts()}
     if a.command in ("promote", "rollback"): return move_champion(a.version, a.by, a.reason, a.command == "rollback")
-    if a.command in ("approve", "disable"):
-        if a.command == "disable" and a.user == a.by: raise Refused("you cannot disable yourself")
-        return hub.set_approved(a.user, a.command == "approve")
+    if a.command == "approve": return hub.set_approved(a.user, True)
+    if a.command == "disable":  # and out of the admins: an admin page they still have open is refused at its next click
+        if a.user == a.by: raise Refused("you cannot disable yourself")
+        was_admin = hub.is_admin(a.user)
+        if was_admin: hub.set_admin(a.user, False)
+        return {**hub.set_approved(a.user, False), "removed_from_admins": was_admin}
     if a.command in ("make-admin", "remove-admin"):
         if a.command == "remove-admin" and a.user == a.by: raise Refused("you cannot remove yourself from the admins")
         hub.set_admin(a.user, a.command == "make-admin"); return {}
