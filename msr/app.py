@@ -22,7 +22,7 @@ from .core import TRACK_ID, load_params, project_root
 
 # %% auto #0
 __all__ = ['PROFILE_COLOURS', 'ApiError', 'Api', 'dashboard_params', 'results_html', 'summary_html', 'profile_html', 'PageUser',
-           'page_user', 'Dashboard']
+           'page_user', 'Dashboard', 'admin_group']
 
 # %% ../nbs/14_app.ipynb #5ad2a134
 class ApiError(Exception):
@@ -200,6 +200,18 @@ def _track_widgets(self: Dashboard, lay: W.Layout):
                              W.HBox([self.track_add, self.track_clear]), new_song, self.seed_list])
     self.track_box.layout.display = "none"
 
+# %% ../nbs/14_app.ipynb #88c38c33
+def admin_group() -> str:
+    "The hub group whose members get the Admin tab (params.yaml's hub.admin_group)."
+    return load_params(project_root() / "params.yaml", "hub")["admin_group"]
+
+@patch
+def _admin_desk(self: Dashboard):
+    "The Admin tab (`msr.admin.AdminDesk`) when the page's user is in the admin group, else None."
+    if self.user is None or not self.user.in_group(admin_group()): return None
+    from msr.admin import AdminDesk  # only admins' pages import it
+    return AdminDesk(self.user, admin_group(), page_user)
+
 # %% ../nbs/14_app.ipynb #1c2f4d55
 @patch
 def _answer_widgets(self: Dashboard):
@@ -212,7 +224,7 @@ def _answer_widgets(self: Dashboard):
 
 @patch
 def _layout(self: Dashboard):
-    "The header over the Recommend and Monitor tabs."
+    "The header over the Recommend and Monitor tabs (and the Admin tab, for an admin)."
     i, u = self.info, self.user
     signed_in = "" if u is None else (f"<p class='msr-user'>signed in as <b class='msr-user-name'>{html.escape(u.name)}</b> · "
                                       f"<a href='{html.escape(os.environ.get('VOILA_BASE_URL', '/'))}logout'>log out</a></p>")
@@ -221,7 +233,9 @@ def _layout(self: Dashboard):
     recommend = W.VBox([self.mode, self.playlist_box, self.track_box, self.spotify_box, self.k, self.go, self.status,
                         self.results, self.plot])
     monitor = W.VBox([self.monitor_refresh, self.monitor_summary, self.monitor_plot])
-    self.tabs = W.Tab(children=[recommend, monitor], titles=["Recommend", "Monitor"])
+    self.desk = self._admin_desk()
+    tabs = [(recommend, "Recommend"), (monitor, "Monitor")] + ([(self.desk.widget, "Admin")] if self.desk else [])
+    self.tabs = W.Tab(children=[t for t, _ in tabs], titles=[n for _, n in tabs])
     self.widget = W.VBox([header, self.tabs])
 
 # %% ../nbs/14_app.ipynb #81547db9
@@ -258,6 +272,7 @@ def _wire(self: Dashboard):
     self.go.on_click(lambda _: self.recommend())
     self.monitor_refresh.on_click(lambda _: self.refresh_monitor())
     self.tabs.observe(lambda ch: ch["new"] == 1 and self.refresh_monitor(), names="selected_index")
+    if self.desk: self.tabs.observe(lambda ch: ch["new"] == 2 and self.desk.open(), names="selected_index")
 
 @patch
 def _build(self: Dashboard):

@@ -18,9 +18,14 @@ from pathlib import Path
 
 from fastcore.basics import patch
 from jupyter_server.utils import url_path_join
-from jupyterhub.singleuser.extension import JupyterHubIdentityProvider
+from jupyterhub import orm
+from jupyterhub.apihandlers.base import APIHandler
+from jupyterhub.scopes import needs_scope
+from jupyterhub.singleuser.extension import JupyterHubAuthorizer, JupyterHubIdentityProvider
+from jupyterhub.utils import new_token
 from jupyterhub.spawner import Spawner
 from nativeauthenticator import NativeAuthenticator
+from nativeauthenticator.orm import UserInfo
 from nativeauthenticator.handlers import (AuthorizationAreaHandler, ChangePasswordAdminHandler, DiscardHandler, LoginHandler,
                                           ToggleAuthorizationHandler)
 from tornado import web
@@ -29,14 +34,16 @@ from traitlets import Float, Integer, Unicode
 
 import msr
 from .core import load_params, project_root
+from .desk import DESK_TOKEN
 from .pages import DashboardKernels
 
 # %% auto #0
-__all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'private_dir', 'private_file',
-           'is_private', 'admin_password', 'LoginLimiter', 'login_client', 'MsrLoginHandler', 'same_origin_only',
-           'AuthorizationPage', 'AdminPasswordPage', 'ApproveHandler', 'DiscardSignupHandler', 'MsrAuthenticator',
-           'NoServers', 'HubIdentity', 'user_env', 'kernel_env', 'HubKernels', 'service_command', 'proxy_command',
-           'service_env', 'configure']
+__all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'DESK_SERVICE', 'DESK_SCOPES',
+           'private_dir', 'private_file', 'is_private', 'admin_password', 'LoginLimiter', 'login_client',
+           'MsrLoginHandler', 'same_origin_only', 'AuthorizationPage', 'AdminPasswordPage', 'ApproveHandler',
+           'DiscardSignupHandler', 'AccountsAPI', 'AccountAPI', 'MsrAuthenticator', 'NoServers', 'HubIdentity',
+           'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner', 'service_command', 'proxy_command',
+           'service_env', 'desk_token', 'configure']
 
 # %% ../nbs/18_hub.ipynb #7e12bed9
 def private_dir(path: str | Path) -> Path:
@@ -162,9 +169,40 @@ class DiscardSignupHandler(_LoginFirst, DiscardHandler):
         same_origin_only(self, self.hub.base_url + "authorize")
         return await super().get(user_name)
 
+# %% ../nbs/18_hub.ipynb #13f714fa
+class AccountsAPI(APIHandler):
+    "`GET /hub/api/msr/accounts`: every signup with its approval, and the hub user's admin flag and groups."
+    @needs_scope("admin:users")
+    def get(self):
+        users = {u.name: u for u in self.db.query(orm.User)}
+        rows = [{"name": i.username, "approved": bool(i.is_authorized), "hub_user": i.username in users,
+                 "admin": bool(users[i.username].admin) if i.username in users else False,
+                 "groups": sorted(g.name for g in users[i.username].groups) if i.username in users else []}
+                for i in self.db.query(UserInfo).order_by(UserInfo.username)]
+        self.write(json.dumps({"accounts": rows}))
+
+# %% ../nbs/18_hub.ipynb #3d13028e
+class AccountAPI(APIHandler):
+    "`POST /hub/api/msr/accounts/<name>` with `{\"approved\": bool}`: approve a signup, or disable an account."
+    @needs_scope("admin:users")
+    def post(self, user_name: str):
+        body = self.get_json_body() or {}
+        if not isinstance(body.get("approved"), bool): raise web.HTTPError(400, 'send {"approved": true} or {"approved": false}')
+        info = UserInfo.find(self.db, user_name)
+        if info is None: raise web.HTTPError(404, f"nobody signed up as {user_name}")
+        info.is_authorized, revoked = body["approved"], 0
+        user = self.find_user(user_name)
+        if user is not None and not body["approved"]:
+            user.orm_user.cookie_id = new_token()  # their hub login cookies stop working
+            for token in list(user.orm_user.api_tokens):
+                self.db.delete(token); revoked += 1
+        self.db.commit()
+        self.log.info("msr hub: %s %s (%d tokens revoked)", "approved" if info.is_authorized else "disabled", user_name, revoked)
+        self.write(json.dumps({"name": user_name, "approved": bool(info.is_authorized), "tokens_revoked": revoked}))
+
 # %% ../nbs/18_hub.ipynb #2e78b0ca
 class MsrAuthenticator(NativeAuthenticator):
-    "NativeAuthenticator with msr's login, approve and discard handlers, a login rate limit, and the first admin made at start."
+    "NativeAuthenticator with msr's login, approve and discard handlers, the desk's account API, a login rate limit, and the first admin made at start."
     state_dir = Unicode(config=True, help="the hub's state folder (a generated admin password is written there)")
     admin_password = Unicode(config=True, help="the first admin's password, when MSR_HUB_ADMIN_PASSWORD gave one")
     login_rate = Float(config=True, help="login attempts a client may make a minute")
@@ -178,7 +216,8 @@ class MsrAuthenticator(NativeAuthenticator):
     def get_handlers(self, app):
         ours = {LoginHandler: MsrLoginHandler, ToggleAuthorizationHandler: ApproveHandler, DiscardHandler: DiscardSignupHandler,
                 AuthorizationAreaHandler: AuthorizationPage, ChangePasswordAdminHandler: AdminPasswordPage}
-        return [(path, ours.get(handler, handler)) for path, handler in super().get_handlers(app)]
+        return [(path, ours.get(handler, handler)) for path, handler in super().get_handlers(app)] + [
+            (r"/api/msr/accounts", AccountsAPI), (r"/api/msr/accounts/([^/]+)", AccountAPI)]
 
 # %% ../nbs/18_hub.ipynb #15e87aeb
 @patch
@@ -226,6 +265,12 @@ def kernel_env(env: dict, user: dict) -> dict:
 # %% ../nbs/18_hub.ipynb #1900d603
 class HubKernels(DashboardKernels):
     "msr's dashboard kernels under the hub: the page limit and culler of `DashboardKernels`, and each page's hub user in its kernel's environment."
+    @property
+    def owners(self) -> dict[str, str]:
+        "The hub user whose page started each kernel, by kernel id."
+        if not hasattr(self, "_owners"): self._owners = {}
+        return self._owners
+
     def admit(self, handler, notebook=None, cwd=None):
         "voila's prelaunch hook: `DashboardKernels.admit`, then remember the page's hub user for its kernel."
         user = getattr(handler.current_user, "hub_user", None)
@@ -238,7 +283,28 @@ class HubKernels(DashboardKernels):
         user = _page_user.get()
         if user is None: raise web.HTTPError(403, "a dashboard kernel without a hub user")
         kwargs["env"] = kernel_env(kwargs.get("env") or dict(os.environ), user)
-        return await DashboardKernels.start_kernel(self, **kwargs)
+        kernel_id = await DashboardKernels.start_kernel(self, **kwargs)
+        self.owners[kernel_id] = user["MSR_USER"]
+        return kernel_id
+
+# %% ../nbs/18_hub.ipynb #21a8cafb
+def may_use_kernel(owners: dict,  # the hub user of each kernel's page, by kernel id
+                   kernel_id: str | None,  # the kernel a request is about (None: no kernel)
+                   resource: str,  # what the request is about (jupyter_server's resource name)
+                   username: str | None,  # the hub user asking
+                  ) -> bool:
+    "Whether `username` may reach `kernel_id`: a kernel only by its page's user; anything else, yes."
+    if resource != "kernels" or not kernel_id: return True
+    return username is not None and owners.get(kernel_id) == username
+
+class KernelOwner(JupyterHubAuthorizer):
+    "JupyterHub's authorizer for voila, and a page's kernel reachable only by the hub user whose page started it."
+    def is_authorized(self, handler, user, action, resource) -> bool:
+        if not super().is_authorized(handler, user, action, resource): return False
+        kernel_id, name = (getattr(handler, "path_kwargs", None) or {}).get("kernel_id"), getattr(user, "username", None)
+        if may_use_kernel(getattr(handler.kernel_manager, "owners", {}), kernel_id, resource, name): return True
+        handler.log.warning("msr dashboard: %s was refused kernel %s (not their page's)", name, kernel_id)
+        return False
 
 # %% ../nbs/18_hub.ipynb #a8b4d118
 CODE = Path(msr.__file__).resolve().parents[1]  # the checkout msr runs from (its notebooks, its .hub/)
@@ -251,7 +317,7 @@ def service_command(name: str,  # the service's name: it is served at /services/
     return [str(Path(sys.executable).parent / "voila"), str(DASHBOARD_NOTEBOOK), "--no-browser", "--strip_sources=True",
             "--Voila.ip=127.0.0.1", f"--port={port}", f"--Voila.base_url=/services/{name}/", "--Voila.auto_token=True",
             "--Voila.identity_provider_class=msr.hub.HubIdentity",
-            "--Voila.authorizer_class=jupyterhub.singleuser.extension.JupyterHubAuthorizer",
+            "--Voila.authorizer_class=msr.hub.KernelOwner",
             "--VoilaConfiguration.multi_kernel_manager_class=msr.hub.HubKernels"]
 
 # %% ../nbs/18_hub.ipynb #061eb26b
@@ -264,9 +330,20 @@ def proxy_command() -> list[str]:
     return [found]
 
 def service_env(root: Path) -> dict:
-    "What the dashboard service's environment gets from the hub's: `MSR_*` (but `MSR_HUB_*`), and the project."
-    env = {k: v for k, v in os.environ.items() if k.startswith("MSR_") and not k.startswith("MSR_HUB_")}
+    "What the dashboard service's environment gets from the hub's: `MSR_*` (but `MSR_HUB_*`), `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME` (the desk's registry), and the project."
+    env = {k: v for k, v in os.environ.items() if k.startswith("MSR_") and not k.startswith("MSR_HUB_") or k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
     return {**env, "MSR_PROJECT_DIR": str(root)}
+
+# %% ../nbs/18_hub.ipynb #e64633e2
+DESK_SERVICE = "msr-desk"  # the desk's hub service (no URL: only a token)
+DESK_SCOPES = ["admin:users", "admin:groups", "list:users", "read:users", "list:groups", "read:groups"]  # what the desk may do
+
+def desk_token(state: str | Path) -> str:
+    "The desk's hub token: from `<state>/desk-token`, made there (0600) the first time."
+    path = Path(state) / DESK_TOKEN
+    if not path.exists() or not path.read_text().strip(): private_file(path).write_text(secrets.token_urlsafe(32) + "\n")
+    if not is_private(path): raise PermissionError(f"{path} can be read by others: chmod 600 it")
+    return path.read_text().strip()
 
 # %% ../nbs/18_hub.ipynb #23b1ce36
 def configure(c,  # JupyterHub's config object (`c` in jupyterhub_config.py)
@@ -306,6 +383,9 @@ def configure(c,  # JupyterHub's config object (`c` in jupyterhub_config.py)
                                 "tokens!user"]}]  # their own API tokens (/hub/token): a person's key for msr-serve
     c.JupyterHub.services = [{"name": name, "url": f"http://127.0.0.1:{p['service_port']}", "command": service_command(name, p["service_port"]),
                               "oauth_no_confirm": True, "environment": service_env(root), "display": False}]
+    c.JupyterHub.services.append({"name": DESK_SERVICE, "api_token": desk_token(state), "display": False})
+    c.JupyterHub.load_roles.append({"name": DESK_SERVICE, "description": "msr's admin desk: approve, disable, make admin",
+                                    "scopes": DESK_SCOPES, "services": [DESK_SERVICE]})
     c.JupyterHub.default_url = prefix
     c.JupyterHub.spawner_class = NoServers
     return c

@@ -3,8 +3,10 @@ dashboard as its voila service asking the session's REST service, and Debian's c
 for the module; the tests run in order (signup, approval, login, lockout, and the login rate limit last)."""
 from __future__ import annotations
 
+import json
 import re
 import secrets
+import shutil
 import signal
 import sqlite3
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, free_port, served_env, set_params, start_server
+from conftest import BIN, ROOT, free_port, project_files, run, served_env, set_params, start_server
 from msr.hub import PROXY, proxy_command
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,16 +77,31 @@ def fetch(url: str, headers: dict | None = None) -> tuple[int, str, str]:
     except urllib.error.HTTPError as e: return e.code, e.url, e.read().decode(errors="replace")
 
 
+def copy_project(dest: Path) -> Path:
+    "A copy of the project's code, notebooks and pipeline in a fresh git repository, with empty data/ and outputs/ (as the `project` fixture)."
+    for f in project_files():
+        if f.startswith(("data/", "outputs/")) or f == "dvc.lock": continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        run(cmd, dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
-def hub(served_project, msr_server, tmp_path_factory):
+def hub(served_project, msr_server, sample_zip, tmp_path_factory):
     """`jupyterhub -f jupyterhub_config.py` (what `make hub` runs) over a project folder of its own (free ports, lockout after
-    3 failures, a login burst the module's logins fit in), its dashboard pages asking the session's msr-serve."""
-    project = tmp_path_factory.mktemp("hub-project")
-    for f in ("params.yaml", "dvc.yaml"): (project / f).write_text((ROOT / f).read_text())
+    3 failures, a login burst the module's logins fit in), its dashboard pages asking the session's msr-serve. The folder is
+    a runnable project (the admin desk's retrain runs its real `dvc repro` on the sample) with a registry of its own: a copy
+    of `served_project`'s (msr-recommender v1, champion), its new runs in an experiment of its own."""
+    project = copy_project(tmp_path_factory.mktemp("hub-project") / "msr")
+    shutil.copy2(served_project / "mlflow.db", project / "mlflow.db")
     port, service_port = free_port(), free_port()
     set_params(project, hub={"port": port, "hub_port": free_port(), "proxy_api_port": free_port(), "service_port": service_port,
-                             "allowed_failed_logins": FAILS, "lockout_seconds": 600, "login_rate": 6, "login_burst": 20})
+                             "allowed_failed_logins": FAILS, "lockout_seconds": 600, "login_rate": 6, "login_burst": 20},
+               ingest={"source": str(sample_zip), "sha256": "", "offline_source": ""})
     env = {**served_env(served_project, project / "unused.sqlite"), "MSR_PROJECT_DIR": str(project), "MSR_API_URL": msr_server.url,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "msr-hub-desk",
            "MSR_HUB_ADMIN": ADMIN, "MSR_HUB_ADMIN_PASSWORD": PASSWORDS[ADMIN]}  # as `make hub` takes them: in the environment
     log = project / "hub.log"
     url = f"http://127.0.0.1:{port}"
@@ -169,13 +186,13 @@ def test_signed_out_visits_go_to_login(hub):
 
 
 def test_state_is_private_and_secrets_stay_off_command_lines(hub):
-    for name in ("jupyterhub.sqlite", "jupyterhub_cookie_secret"):
+    for name in ("jupyterhub.sqlite", "jupyterhub_cookie_secret", "desk-token"):
         assert (hub.state / name).stat().st_mode & 0o777 == 0o600, name
     assert hub.state.stat().st_mode & 0o777 == 0o700
     assert not (hub.state / "admin-password").exists()  # the admin's password came from the environment
     procs = hub.processes()
     assert set(procs) == {"hub", "proxy", "voila"}, procs
-    secrets_ = {"admin password": PASSWORDS[ADMIN],
+    secrets_ = {"admin password": PASSWORDS[ADMIN], "desk token": (hub.state / "desk-token").read_text().strip(),
                 "proxy token": procs["proxy"].environ()["CONFIGPROXY_AUTH_TOKEN"],
                 "service token": procs["voila"].environ()["JUPYTERHUB_API_TOKEN"]}
     for role, p in procs.items():
@@ -183,7 +200,7 @@ def test_state_is_private_and_secrets_stay_off_command_lines(hub):
         for what, value in secrets_.items(): assert value not in line, f"the {what} is on the {role}'s command line"
     for role in ("proxy", "voila"):  # read once by the hub, never handed on
         assert "MSR_HUB_ADMIN_PASSWORD" not in procs[role].environ(), role
-    assert PASSWORDS[ADMIN] not in hub.log.read_text()
+    assert PASSWORDS[ADMIN] not in hub.log.read_text() and secrets_["desk token"] not in hub.log.read_text()
 
 
 def test_an_unapproved_user_is_refused(hub, browser):
@@ -248,6 +265,216 @@ def test_admin_page_knows_its_user(admin, hub):
     assert admin.inner_text(".msr-user-name") == ADMIN
     kernels = [k.environ() for k in hub.kernels()]
     assert any(e["MSR_USER"] == ADMIN and e["MSR_USER_ADMIN"] == "1" and "msr-admins" in e["MSR_USER_GROUPS"] for e in kernels)
+
+
+# ---- the admin desk (the Admin tab, msr.admin / msr.desk) ----
+
+NEWCOMER = "cy"
+PASSWORDS[NEWCOMER] = "cy's long password 3"
+TAB = ".lm-TabBar-tab:has-text('{}'), .p-TabBar-tab:has-text('{}')"
+
+
+def open_admin_tab(page):
+    page.click(TAB.format("Admin", "Admin"))
+    page.wait_for_selector("tr.msr-version", timeout=60_000)
+
+
+def desk_status(page, text: str, timeout: float = 60_000):
+    "Wait until the Admin tab's status line says `text`; return it."
+    page.wait_for_function("t => (document.querySelector('.msr-desk-status') || {}).innerText?.includes(t)", arg=text, timeout=timeout)
+    return page.inner_text(".msr-desk-status")
+
+
+def pick(page, css: str, starts: str):
+    "Choose the option of the dropdown `css` whose label starts with `starts` (ipywidgets shows spaces as no-break spaces)."
+    labels = page.locator(f"{css} select option").all_inner_texts()
+    page.locator(f"{css} select").select_option(label=next(label for label in labels if label.replace("\xa0", " ").startswith(starts)))
+
+
+def registry(hub: Hub) -> dict:
+    "msr-recommender's versions in the hub project's registry: {version: (aliases, tags)}."
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{hub.project}/mlflow.db")
+    return {int(v.version): (set(client.get_model_version("msr-recommender", v.version).aliases), v.tags)
+            for v in client.search_model_versions("name='msr-recommender'")}
+
+
+def hub_groups(hub: Hub, name: str) -> list[str]:
+    "`name`'s hub groups, asked of the hub's API with the desk's token."
+    p = __import__("yaml").safe_load((hub.project / "params.yaml").read_text())["hub"]
+    request = urllib.request.Request(f"http://127.0.0.1:{p['hub_port']}/hub/api/users/{name}",
+                                     headers={"Authorization": f"token {(hub.state / 'desk-token').read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=30) as r: return json.load(r)["groups"]
+
+
+def listen(page) -> list:
+    "Collect the page's kernel websocket URLs and the frames it receives (widget states included)."
+    seen = []
+    page.on("websocket", lambda ws: (seen.append(("url", ws.url)), ws.on("framereceived", lambda p: seen.append(("frame", p)))))
+    return seen
+
+
+def kernel_and_model(seen: list, css: str) -> tuple[str, str]:
+    "The page's kernel id and the widget model id of the widget classed `css`, from what its websocket received."
+    kernel = next(re.search(r"/api/kernels/([0-9a-f-]{36})/channels", u).group(1) for k, u in seen if k == "url" and "/channels" in u)
+    text = "".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p for k, p in seen if k == "frame")
+    at = text.index(f'"{css}"')
+    ids = list(re.finditer(r'"comm_id":\s*"([0-9a-f]{32})"|"([0-9a-f]{32})":\s*\{', text[:at]))
+    assert ids, text[max(0, at - 2000):at]
+    return kernel, ids[-1].group(1) or ids[-1].group(2)
+
+
+FORGE = """async ([kernel, model]) => {
+  const url = location.origin.replace(/^http/, 'ws') + '/services/dashboard/api/kernels/' + kernel + '/channels?session_id=forged';
+  return await new Promise(resolve => {
+    const ws = new WebSocket(url);
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      const header = {msg_id: 'forged-' + Date.now(), msg_type: 'comm_msg', username: 'forger', session: 'forged',
+                      date: new Date().toISOString(), version: '5.3'};
+      ws.send(JSON.stringify({header, parent_header: {}, metadata: {}, channel: 'shell', buffers: [],
+                              content: {comm_id: model, data: {method: 'custom', content: {event: 'click'}}}}));
+      setTimeout(() => { ws.close(); resolve('sent'); }, 2000);
+    };
+    ws.onclose = () => { if (!opened) resolve('refused'); };
+  });
+}"""
+
+
+def audit_log(hub: Hub) -> list[dict]:
+    path = hub.project / "data/desk/audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_admin_desk(hub, admin, browser, capsys):
+    """The Admin tab: a retrain (the real `dvc repro` on the sample) in the background, one at a time; while it runs, the
+    accounts (approve, make admin, a demoted admin refused at once, disable) and forged widget messages from a non-admin's
+    page; then promote and roll back on the retrain's new version; every action in the audit log."""
+    seen = listen(admin)
+    t0 = time.perf_counter()
+    admin.goto(f"{hub.url}/services/dashboard/")
+    admin.wait_for_selector(".msr-go", timeout=60_000)
+    first_render = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    open_admin_tab(admin)
+    tab_load = time.perf_counter() - t0
+    assert registry(hub)[1][0] == {"champion"} and admin.locator("tr.msr-version").count() == 1
+    kernel = max((k for k in hub.kernels() if k.environ()["MSR_USER"] == ADMIN), key=lambda k: k.create_time())
+    admin_rss = kernel.memory_info().rss / 2**20
+
+    # a retrain, and a second one refused while it runs
+    admin.click(".msr-retrain")
+    desk_status(admin, "retrain started")
+    admin.wait_for_selector(".msr-retrain-running", timeout=30_000)
+    admin.click(".msr-retrain")
+    assert "a retrain is already running (started by boss" in desk_status(admin, "already running")
+
+    # accounts: a newcomer approved from the tab, ada made admin, then demoted (refused at her next click)
+    assert "sent to the admin" in sign_up(browser, hub, NEWCOMER)
+    admin.click(".msr-desk-refresh")
+    admin.wait_for_selector(f"tr.msr-account:has-text('{NEWCOMER}')", timeout=30_000)
+    pick(admin, ".msr-account-pick", NEWCOMER)
+    admin.click(".msr-approve")
+    desk_status(admin, f"approve {NEWCOMER}: done")
+    assert authorized(hub, NEWCOMER) is True
+    pick(admin, ".msr-account-pick", USER)
+    admin.click(".msr-make-admin")
+    desk_status(admin, f"make-admin {USER}: done")
+    assert "msr-admins" in hub_groups(hub, USER)
+    ada = new_page(browser)
+    try:
+        log_in(ada, hub, USER)
+        ada.wait_for_selector(".msr-go", timeout=60_000)
+        open_admin_tab(ada)  # an admin now
+        pick(admin, ".msr-account-pick", USER)
+        admin.click(".msr-remove-admin")
+        desk_status(admin, f"remove-admin {USER}: done")
+        assert "msr-admins" not in hub_groups(hub, USER)
+        ada.click(".msr-desk-refresh")  # her page still has the tab; the hub says she is no admin now
+        assert f"{USER} is not in the hub group msr-admins" in desk_status(ada, "not in the hub group")
+    finally: ada.context.close()
+
+    # a non-admin's page: no Admin tab, no admin widget; forged clicks on the admin's Promote reach nothing
+    promote_model = kernel_and_model(seen, "msr-promote")
+    champion_before, rows_before = registry(hub), len(audit_log(hub))
+    cy = new_page(browser)
+    try:
+        cy_seen = listen(cy)
+        log_in(cy, hub, NEWCOMER)
+        cy.wait_for_selector(".msr-go", timeout=60_000)
+        assert cy.locator(TAB.format("Admin", "Admin")).count() == 0 and cy.locator(".msr-admin, .msr-promote").count() == 0
+        cy_kernel = kernel_and_model(cy_seen, "msr-go")[0]
+        assert cy.evaluate(FORGE, [cy_kernel, promote_model[1]]) == "sent"  # her own kernel: no such widget
+        assert cy.evaluate(FORGE, promote_model) == "refused"  # the admin's kernel: not hers (msr.hub.KernelOwner)
+    finally: cy.context.close()
+    time.sleep(1)
+    assert registry(hub) == champion_before and len(audit_log(hub)) == rows_before
+
+    # disable the newcomer (made admin first): out of the admins, and their next login is refused
+    pick(admin, ".msr-account-pick", NEWCOMER)
+    admin.click(".msr-make-admin")
+    desk_status(admin, f"make-admin {NEWCOMER}: done")
+    admin.click(".msr-disable")
+    desk_status(admin, f"disable {NEWCOMER}: done")
+    assert authorized(hub, NEWCOMER) is False and "msr-admins" not in hub_groups(hub, NEWCOMER)
+    page = new_page(browser)
+    try:
+        log_in(page, hub, NEWCOMER)
+        assert f"User {NEWCOMER} has not been authorized" in page.inner_text("body")
+    finally: page.context.close()
+
+    # the retrain ends; its log and new version show
+    t_wait = time.perf_counter()
+    admin.wait_for_selector(".msr-retrain-finished, .msr-retrain-failed", timeout=240_000)
+    assert admin.locator(".msr-retrain-finished").count() == 1, admin.inner_text(".msr-retrain-log")
+    assert "Running stage 'register'" in admin.inner_text(".msr-retrain-log")
+    admin.wait_for_function("() => document.querySelectorAll('tr.msr-version').length == 2", timeout=60_000)
+    waited = time.perf_counter() - t_wait
+    versions = registry(hub)
+    assert set(versions) == {1, 2}
+
+    # promote and roll back, whichever the retrain's own decision was (v2 champion: roll back to v1, then promote v2 again)
+    steps = [(1, "rollback"), (2, "promote")] if "champion" in versions[2][0] else [(2, "promote"), (1, "rollback")]
+    for version, action in steps:
+        pick(admin, ".msr-version-pick", f"v{version} ")
+        admin.fill(".msr-reason input", f"{action} test {version}")
+        admin.click(f".msr-{action}")
+        desk_status(admin, f"{action} v{version}: done, champion is v{version}")
+        aliases, tags = registry(hub)[version]
+        assert "champion" in aliases and sum("champion" in a for a, _ in registry(hub).values()) == 1, registry(hub)
+        assert (tags["msr.promoted_by"], tags["msr.promoted_reason"], tags["msr.promoted_action"]) == (ADMIN, f"{action} test {version}", action)
+        assert tags["msr.promoted_at"].startswith(time.strftime("%Y-", time.gmtime()))
+
+    # a forged click from the admin's own browser on the admin's own kernel does reach it (the forging works)
+    before = len(audit_log(hub))
+    kernel_id, retrain_model = kernel_and_model(seen, "msr-retrain")
+    assert admin.evaluate(FORGE, [kernel_id, retrain_model]) == "sent"
+    deadline = time.monotonic() + 30
+    while len(audit_log(hub)) == before and time.monotonic() < deadline: time.sleep(0.5)
+    assert audit_log(hub)[-1]["action"] == "retrain" and audit_log(hub)[-1]["who"] == ADMIN
+
+    # the audit log: a row per action, who/when/what/outcome, private; shown in the tab
+    rows = audit_log(hub)
+    assert (hub.project / "data/desk/audit.jsonl").stat().st_mode & 0o777 == 0o600
+    assert all(set(r) >= {"when", "who", "action", "target", "outcome"} for r in rows)
+    got = [(r["who"], r["action"], r["target"], r["outcome"]) for r in rows]
+    for row in [(ADMIN, "retrain", "refused"), (ADMIN, "approve", NEWCOMER, "ok"), (ADMIN, "make-admin", USER, "ok"),
+                (ADMIN, "remove-admin", USER, "ok"), (USER, "check", "", "refused"), (ADMIN, "disable", NEWCOMER, "ok"),
+                (ADMIN, "promote", "2", "ok"), (ADMIN, "rollback", "1", "ok")]:
+        if len(row) == 3: assert any((g[0], g[1], g[3]) == row for g in got), (row, got)
+        else: assert row in got, (row, got)
+    started = [r for r in rows if r["action"] == "retrain" and r["outcome"] in ("started", "ok")]
+    assert len(started) >= 2 and started[0]["target"].endswith("dvc repro")
+    token = (hub.state / "desk-token").read_text().strip()
+    assert token not in (hub.project / "data/desk/audit.jsonl").read_text()
+    admin.click(".msr-desk-refresh")
+    admin.wait_for_selector("tr.msr-audit-row:has-text('rollback')", timeout=30_000)
+    end_rss = kernel.memory_info().rss / 2**20
+    with capsys.disabled():
+        print(f"\nhub: admin page first render {first_render:.2f} s, Admin tab loaded in {tab_load:.2f} s, its kernel {admin_rss:.0f} MB RSS "
+              f"({end_rss:.0f} MB after every action); the retrain went on {waited:.0f} s after the account checks")
+    assert first_render < 15 and admin_rss < 100 and end_rss < 100, (first_render, admin_rss, end_rss)  # the page budget: 100 MB
 
 
 def test_cross_site_approval_is_refused(hub, admin, browser, http_server):
