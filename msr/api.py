@@ -36,8 +36,8 @@ from .serve import MAX_QUERIES, BadRequest, Unavailable, check_row, quote
 # %% auto #0
 __all__ = ['LOOPBACK_NAMES', 'CHAMPION_URI', 'JSON_TYPE', 'DRAIN_BYTES', 'SOURCE_RE', 'ServeSettings', 'HttpError', 'bad',
            'parse_json', 'read_rows', 'ApiKeys', 'keys_main', 'HubUsers', 'RateLimiter', 'is_loopback', 'host_name',
-           'accepted_hosts', 'load_champion', 'ModelProcess', 'log_row', 'ModelPool', 'Reply', 'error_reply', 'Front',
-           'raw_reply', 'MsrH11', 'check_bind', 'listen', 'serve', 'main']
+           'accepted_hosts', 'load_champion', 'ModelProcess', 'log_row', 'ModelPool', 'registry_version', 'Reply',
+           'error_reply', 'Front', 'raw_reply', 'MsrH11', 'check_bind', 'listen', 'serve', 'main']
 
 # %% ../nbs/13b_api.ipynb #c7389922
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class ServeSettings:
     spotify_wait: float  # seconds one request may wait for Spotify in all
     allowed_hosts: list  # Host header values accepted besides the bound address (and loopback names on loopback)
     api_keys: str  # the hashed API keys file (`msr-keys`)
+    reload_interval: float  # seconds between looks at where the registry's champion alias points (0: never)
     hub_api_url: str  # a JupyterHub's API (http://127.0.0.1:8000/hub/api): its users' API tokens work as keys ('' for none)
 
 @patch(cls_method=True)
@@ -361,6 +362,8 @@ class ModelPool:
 
 @patch
 def _start(self: ModelPool):
+    try: self.version = registry_version(self.model_uri)  # read before loading: a move meanwhile is seen next time
+    except Exception: self.version = None
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or OpenMP state inherited from the front
     self.executor = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_process,
                                            initargs=(self.model_uri, self.monitor_db))
@@ -374,6 +377,23 @@ def _start(self: ModelPool):
 
 @patch
 def close(self: ModelPool): self.executor.shutdown(wait=False, cancel_futures=True)
+
+# %% ../nbs/13b_api.ipynb #0eb956a2
+def registry_version(model_uri: str) -> str | None:
+    "The registered version `models:/NAME@ALIAS` points to now (None for any other URI)."
+    m = re.fullmatch(r"models:/([^@/]+)@([^@/]+)", model_uri)
+    if m is None: return None
+    import mlflow
+    from msr.tracking import tracking_uri
+    return str(mlflow.MlflowClient(tracking_uri()).get_model_version_by_alias(*m.groups()).version)
+
+@patch
+def fresh(self: ModelPool) -> ModelPool:
+    "A new pool like this one, on what its model URI points to now (blocking: the model processes load)."
+    return ModelPool(self.model_uri, self.workers, self.max_pending, self.timeout, self.monitor_db)
+
+@patch
+def drain(self: ModelPool): self.executor.shutdown(wait=True, cancel_futures=False)  # requests in flight finish
 
 # %% ../nbs/13b_api.ipynb #4e8d718b
 @patch
@@ -516,6 +536,24 @@ async def _health(self: Front, scope, headers, body) -> Reply:
     log = {"state": "off"} if self.monitor is None else {k: v for k, v in self.monitor.health().items() if k != "path"}
     return Reply(200, {"status": "ok" if log["state"] != "degraded" else "degraded", "model_version": self.pool.info.get("model_version"),
                        "log": log, "pending": self.pool.pending, "spotify_imports": self.importing})
+
+# %% ../nbs/13b_api.ipynb #f47cc69e
+@patch
+async def watch_champion(self: Front, interval: float):
+    "Every `interval` seconds: if the registry's champion alias moved, load it in a fresh pool and swap (see `ModelPool.fresh`)."
+    loop, log = asyncio.get_running_loop(), logging.getLogger(__name__)
+    while True:
+        await asyncio.sleep(interval)
+        try: now = await loop.run_in_executor(None, registry_version, self.pool.model_uri)
+        except Exception as e: log.warning("msr-serve: cannot read the registry's champion (%s); serving %s", type(e).__name__, self.pool.info.get("model_version")); continue
+        if now is None or now == self.pool.version: continue
+        log.warning("msr-serve: the champion moved to version %s; loading it", now)
+        try: new = await loop.run_in_executor(None, self.pool.fresh)
+        except Exception as e: log.error("msr-serve: the new champion did not load (%s); still serving %s", e, self.pool.info.get("model_version")); continue
+        old, self.pool = self.pool, new
+        self.catalogue = frozenset(new.info.get("catalogue", ()))
+        loop.run_in_executor(None, old.drain)
+        log.warning("msr-serve: now serving %s", new.info.get("model_version"))
 
 # %% ../nbs/13b_api.ipynb #a26ffa04
 @patch
@@ -710,9 +748,14 @@ def serve(settings: ServeSettings, model_uri: str = CHAMPION_URI):
     sock = listen(settings.host, settings.port)
     logging.getLogger(__name__).warning("msr-serve: %s on http://%s:%d with %d model processes%s", pool.info["model_version"],
                                         settings.host, settings.port, settings.workers, ", API keys required" if front.keys_required else "")
-    try: uvicorn.Server(config).run(sockets=[sock])
+    async def run():
+        watcher = asyncio.create_task(front.watch_champion(settings.reload_interval)) if settings.reload_interval > 0 else None
+        try: await uvicorn.Server(config).serve(sockets=[sock])
+        finally:
+            if watcher is not None: watcher.cancel()
+    try: asyncio.run(run())
     finally:
-        pool.close(); front.spotify.shutdown(wait=False, cancel_futures=True)
+        front.pool.close(); front.spotify.shutdown(wait=False, cancel_futures=True)
         if monitor is not None: monitor.flush(5.0)
         sock.close()
 

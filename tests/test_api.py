@@ -388,3 +388,34 @@ def test_client_that_left_is_not_logged(msr_server, seeds, spotify_fake):
     status, _, body = call(msr_server.url, body=link)  # the same request, waited for: answered and logged
     assert status == 200, body
     assert len(logged(msr_server.db, at_least=before + 1)) == before + 1
+
+
+def test_a_new_champion_is_served_without_a_restart(served_project, tmp_path):
+    """The register stage (or an admin) moves the champion alias: msr-serve, looking every second here
+    (serve.reload_interval), loads the new version beside the old one and answers with it, with no restart."""
+    root = tmp_path / "project"
+    for d in ("data/processed", "data/models"): shutil.copytree(served_project / d, root / d)
+    for f in ("dvc.yaml", "mlflow.db"): shutil.copy2(served_project / f, root / f)  # a registry of its own (v1 champion)
+    params = yaml.safe_load((served_project / "params.yaml").read_text())
+    params["serve"].update(reload_interval=1, workers=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**served_env(served_project, tmp_path / "served.sqlite"), "MSR_PROJECT_DIR": str(root),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    port = free_port()
+    proc = start_server([str(BIN / "msr-serve"), "--port", str(port)], root, env, f"tcp://127.0.0.1:{port}", tmp_path / "server.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert call(url, "GET", "/health")[2]["model_version"] == "msr-recommender v1"
+        (root / "outputs/metrics").mkdir(parents=True)
+        (root / "outputs/metrics/recommend.json").write_text('{"msr": {"half": {"r_precision": 0.5}}}')  # beats v1's 0.25
+        subprocess.run([str(BIN / "python"), "-c", "from msr.core import load_params; from msr.registry import register; "
+                        "print(register(**load_params(section='register'), split='test')['promoted'])"],
+                       cwd=root, env={**env, "MSR_MONITOR_DB": "off"}, check=True, capture_output=True, text=True)
+        deadline = time.monotonic() + 90
+        while call(url, "GET", "/health")[2]["model_version"] != "msr-recommender v2":
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        status, _, body = call(url, body={"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 3}]})
+        assert status == 200 and {p["model_version"] for p in body["predictions"]} == {"msr-recommender v2"}, body
+        assert "now serving msr-recommender v2" in (tmp_path / "server.log").read_text()
+    finally: stop_server(proc)
