@@ -177,7 +177,7 @@ def move(self: AdminDesk, action: str) -> dict:
     "Promote or roll back to the picked version, with the typed reason."
     if self.version_pick.value is None: self._say("pick a version first", error=True); return {}
     a = self.run([action, str(self.version_pick.value), "--reason", self.reason.value], self.user.name)
-    self._say(f"{action} v{self.version_pick.value}: done, champion is v{a['champion']} (msr-serve serves it from its next start)"
+    self._say(f"{action} v{self.version_pick.value}: done, champion is v{a['champion']} (msr-serve answers with it within serve.reload_interval)"
               if a.get("ok") else a.get("error", "?"), error=not a.get("ok"))
     if a.get("ok"): self.reason.value = ""
     self.show_versions(); self.show_audit()
