@@ -139,4 +139,5 @@ bench: setup
 	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
 	$(BIN)/python benchmarks/monitor.py --gb 1 --full-gb 0.1 --runs 5
 	$(BIN)/python benchmarks/dashboard.py --runs 5
+	$(BIN)/python benchmarks/hub.py --runs 5
 	$(BIN)/python benchmarks/serve.py --runs 5 --seconds 15 --connections 8 1
