@@ -259,3 +259,26 @@ def msr_server(served_project, tmp_path_factory, spotify_fake) -> Served:
                         f"http://127.0.0.1:{port}/ping", logs / "server.log")
     try: yield Served(f"http://127.0.0.1:{port}", db, proc, logs / "server.log")
     finally: stop_server(proc)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; playwright's own browser download does not work here
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # this machine's network is closed: no background calls
+
+
+def skip_without_browser():
+    "Skip the calling test module, saying why, where Debian's chromium or playwright is missing."
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    "One headless chromium for the session's browser tests (each test opens contexts of its own)."
+    skip_without_browser()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try: yield b
+        finally: b.close()

@@ -14,21 +14,14 @@ import pandas as pd
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, start_server, stop_server
+from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, skip_without_browser, start_server, stop_server
 from msr.core import AUDIO_FEATURES
 from msr.pages import VOILA_ARGS
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # this machine's network is closed: no background calls
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
 MB = 1024 * 1024
 
-if not CHROMIUM.exists():
-    reason = f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)"
-    print(f"\ntest_dashboard skipped: {reason}")
-    pytest.skip(reason, allow_module_level=True)
-playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+skip_without_browser()
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +59,6 @@ def tight(served_project, api, tmp_path_factory):
     try: yield url, token, proc
     finally: stop_server(proc)
 
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try: yield b
-        finally: b.close()
 
 
 def open_page(browser, url: str, token: str):

@@ -17,20 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, free_port, project_files, run, served_env, set_params, start_server
+from conftest import BIN, ROOT, free_port, project_files, run, served_env, set_params, skip_without_browser, start_server
 from msr.hub import PROXY, proxy_command
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
 ADMIN, USER, STRANGER = "boss", "ada", "eve"
 PASSWORDS = {ADMIN: secrets.token_urlsafe(16), USER: "ada's long password 1", STRANGER: "eve's long password 2"}
 FAILS = 3  # hub.allowed_failed_logins of this module's hub
 
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
-playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+skip_without_browser()
 try: proxy_command()
 except FileNotFoundError:
     pytest.skip(f"configurable-http-proxy is not at {PROXY}: npm could not install it (make hub-proxy)", allow_module_level=True)
@@ -114,13 +109,6 @@ def hub(served_project, msr_server, sample_zip, tmp_path_factory):
         yield Hub(url, project, project / "data" / "hub", log, proc, service_port)
     finally: stop_hub(proc)
 
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try: yield b
-        finally: b.close()
 
 
 def new_page(browser):
