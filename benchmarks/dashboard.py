@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from msr.testing import process_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -36,19 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def memory(pid: int) -> dict:
-    "RSS, PSS and USS (private pages) of a process, in MB."
-    kb = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, value = line.split(":", 1)
-        kb[name] = int(value.split()[0])
-    return {"rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024, "uss_mb": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
-
-
 def tree_memory(pid: int) -> dict:
-    "`memory` summed over a process and its children."
+    "`process_memory` summed over a process and its children."
     procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    ms = [memory(p.pid) for p in procs]
+    ms = [process_memory(p.pid) for p in procs]
     return {k: sum(m[k] for m in ms) for k in ms[0]}
 
 
@@ -122,7 +115,7 @@ def main():
                 render = time.perf_counter() - t
                 time.sleep(1)  # the page's widgets connected
                 (kernel,) = kernels(voila)
-                visits.append({"render_s": render, **memory(kernel.pid)})
+                visits.append({"render_s": render, **process_memory(kernel.pid)})
                 t = time.perf_counter()
                 page.goto("about:blank"); page.context.close()
                 while kernels(voila): time.sleep(0.1)
@@ -132,9 +125,9 @@ def main():
             for _ in range(args.pages):
                 page = open_page(); page.goto(url, timeout=180_000); page.wait_for_selector(".msr-go", timeout=180_000); pages.append(page)
             ks = kernels(voila)
-            sums = [memory(k.pid) for k in ks]
+            sums = [process_memory(k.pid) for k in ks]
             together = {"pages": len(ks), **{f"kernels_{k}": sum(m[k] for m in sums) for k in sums[0]},
-                        "voila_server": memory(voila.pid), "rest_service": tree_memory(api.pid)}
+                        "voila_server": process_memory(voila.pid), "rest_service": tree_memory(api.pid)}
             for page in pages: page.goto("about:blank"); page.context.close()
             browser.close()
     finally:

@@ -20,7 +20,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from dashboard import BIN, CHROMIUM_ARGS, ROOT, free_port, memory, start, stop
+from dashboard import BIN, CHROMIUM_ARGS, ROOT, free_port, start, stop
+from msr.testing import process_memory
 
 
 def stop_hub(proc):
@@ -75,7 +76,7 @@ def main():
                 time.sleep(1.0)  # the page settles
                 voila = next(c for c in psutil.Process(hub.pid).children(recursive=True) if "voila" in " ".join(c.cmdline()))
                 kernels = [k for k in voila.children(recursive=True) if "ipykernel_launcher" in " ".join(k.cmdline())]
-                run = {"render_after_login_s": render, **{f"kernel_{k}": v for k, v in memory(kernels[-1].pid).items()}}
+                run = {"render_after_login_s": render, **{f"kernel_{k}": v for k, v in process_memory(kernels[-1].pid).items()}}
                 if i: runs.append(run)
                 print(("warm-up " if not i else "") + f"visit: {run}", flush=True)
                 page.goto("about:blank"); page.context.close()

@@ -127,33 +127,41 @@ def _pick(dropdown: W.Dropdown, options: list[tuple]):
 
 # %% ../nbs/19a_admin.ipynb #4830dde5
 @patch
+def _read(self: AdminDesk, command: str, key: str, out) -> list[dict] | None:
+    "The rows `msr-desk <command>` answers under `key`, or None with its error shown in `out`."
+    a = self.run([command], self.user.name)
+    if a.get("ok"): return a[key]
+    out.value = f"<span class='msr-error'>{html.escape(a.get('error', '?'))}</span>"
+    return None
+
+@patch
 def show_versions(self: AdminDesk) -> list[dict]:
     "Read the registry's versions and show them."
-    a = self.run(["versions"], self.user.name)
-    if not a.get("ok"): self.versions.value = f"<span class='msr-error'>{html.escape(a.get('error', '?'))}</span>"; return []
-    rows = [{**r, "aliases": ", ".join(r["aliases"])} for r in a["versions"]]
+    versions = self._read("versions", "versions", self.versions)
+    if versions is None: return []
+    rows = [{**r, "aliases": ", ".join(r["aliases"])} for r in versions]
     self.versions.value = _table(rows, ["version", "aliases", "metric", "score", "decision", "promoted_by", "promoted_reason",
                                         "promoted_at", "created"], "msr-version")
     _pick(self.version_pick, [(f"v{r['version']} {r['aliases']} {r['score'] or ''}".strip(), r["version"]) for r in rows])
-    return a["versions"]
+    return versions
 
 @patch
 def show_accounts(self: AdminDesk) -> list[dict]:
     "Read the hub's accounts and show them."
-    a = self.run(["accounts"], self.user.name)
-    if not a.get("ok"): self.accounts.value = f"<span class='msr-error'>{html.escape(a.get('error', '?'))}</span>"; return []
-    rows = [{**r, "groups": ", ".join(r["groups"])} for r in a["accounts"]]
+    accounts = self._read("accounts", "accounts", self.accounts)
+    if accounts is None: return []
+    rows = [{**r, "groups": ", ".join(r["groups"])} for r in accounts]
     self.accounts.value = _table(rows, ["name", "approved", "groups"], "msr-account")
     _pick(self.account_pick, [(r["name"], r["name"]) for r in rows])
-    return a["accounts"]
+    return accounts
 
 @patch
 def show_audit(self: AdminDesk) -> list[dict]:
     "Read the audit log and show its latest rows."
-    a = self.run(["audit"], self.user.name)
-    if not a.get("ok"): self.audit_log.value = f"<span class='msr-error'>{html.escape(a.get('error', '?'))}</span>"; return []
-    self.audit_log.value = _table(a["rows"][:50], ["when", "who", "action", "target", "outcome", "detail"], "msr-audit-row")
-    return a["rows"]
+    rows = self._read("audit", "rows", self.audit_log)
+    if rows is None: return []
+    self.audit_log.value = _table(rows[:50], ["when", "who", "action", "target", "outcome", "detail"], "msr-audit-row")
+    return rows
 
 # %% ../nbs/19a_admin.ipynb #c8c3e7ec
 @patch

@@ -15,7 +15,7 @@ import msr
 from .core import AUDIO_FEATURES, GENRE, PLAYLIST_ID, TRACK_ID, load_params, project_root
 
 # %% auto #0
-__all__ = ['SMALL', 'toy_world', 'small_params']
+__all__ = ['SMALL', 'toy_world', 'small_params', 'process_memory']
 
 # %% ../nbs/17_testing.ipynb #df5ea1c3
 def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, seed: int = 0):
@@ -57,3 +57,12 @@ def small_params(section: str,  # a section of params.yaml
     out = dict(out)
     for k, v in SMALL.get(section, {}).items(): out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
     return out
+
+# %% ../nbs/17_testing.ipynb #64f80e36
+def process_memory(pid: int) -> dict:
+    "RSS, PSS and USS (private pages) of a process, in MB (Linux `/proc/<pid>/smaps_rollup`)."
+    kb = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        kb[name] = int(value.split()[0])
+    return {"rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024, "uss_mb": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}

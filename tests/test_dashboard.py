@@ -17,6 +17,7 @@ import pytest
 from conftest import BIN, ROOT, foreign_playlist, free_port, served_env, skip_without_browser, start_server, stop_server
 from msr.core import AUDIO_FEATURES
 from msr.pages import VOILA_ARGS
+from msr.testing import process_memory
 
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
 MB = 1024 * 1024
@@ -94,14 +95,6 @@ def wait_kernels(voila, n: int, timeout: float) -> float:
         time.sleep(0.5)
     return time.monotonic() - t0
 
-
-def memory(pid: int) -> dict:
-    "A process's RSS, PSS and USS (private pages) in MB, from /proc/<pid>/smaps_rollup."
-    kb = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, value = line.split(":", 1)
-        kb[name] = int(value.split()[0])
-    return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024, "uss": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
 
 
 @pytest.fixture()
@@ -233,10 +226,10 @@ def test_pages_hold_no_model_and_their_kernels_go(dashboard, browser, capsys):
         page, seconds = open_page(browser, url, token)
         renders.append(seconds)
         (kernel,) = [k for k in kernels(voila) if k.pid not in before]
-        mems.append(memory(kernel.pid))
+        mems.append(process_memory(kernel.pid))
         leave(page)
     gone = wait_kernels(voila, baseline, 60)
-    worst = {k: max(m[k] for m in mems) for k in ("rss", "pss", "uss")}
+    worst = {k: max(m[f"{k}_mb"] for m in mems) for k in ("rss", "pss", "uss")}
     with capsys.disabled():
         print(f"\ndashboard page: kernel RSS {worst['rss']:.0f} MB, PSS {worst['pss']:.0f} MB, USS {worst['uss']:.0f} MB (worst of 10); "
               f"first render median {sorted(renders)[5]:.2f} s; kernels back to {baseline} {gone:.1f} s after the last page left")
