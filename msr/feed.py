@@ -8,7 +8,6 @@ from __future__ import annotations
 from fastcore.script import Param, call_parse, store_true
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +110,6 @@ def run_feed(params: dict,  # the feed section of params.yaml
              songs_path: str | Path = SONGS, fed_path: str | Path = FEED_TRACKS,
              previous_path: str | Path = FEED_PREVIOUS, metrics_path: str | Path = FEED_METRICS) -> dict:
     "Search, feature, merge and write the fed tracks; returns (and writes) the report with `retrain`."
-    t0 = time.time()
     fed_path, previous_path = Path(fed_path), Path(previous_path)
     fed, known = _fed_so_far(fed_path, songs_path)
     report = {"catalogue_before": len(known), "added": 0, "growth": 0.0, "threshold": params["retrain_threshold"], "retrain": False}
@@ -128,8 +126,7 @@ def run_feed(params: dict,  # the feed section of params.yaml
         report.update(status="skipped", reason=str(e)); merged = fed
     except SpotifyError as e:  # a failed run changes nothing; the report says why
         report.update(status="failed", reason=str(e)); merged = fed
-    report.update(retrain=bool(report["growth"] > params["retrain_threshold"]), catalogue_after=report["catalogue_before"] + report["added"],
-                  seconds=round(time.time() - t0, 2))
+    report.update(retrain=bool(report["growth"] > params["retrain_threshold"]), catalogue_after=report["catalogue_before"] + report["added"])
     if report["added"] or not fed_path.exists(): _write_fed(merged, fed_path, previous_path)
     write_json(report, metrics_path)
     return report

@@ -22,7 +22,8 @@ from .core import RAW_CSV, atomic_path
 from .redact import redact_url
 
 # %% auto #0
-__all__ = ['log', 'PUBLIC_URL', 'IngestError', 'SourceUnreachable', 'download', 'extract_member', 'sha256sum', 'fetch', 'ingest']
+__all__ = ['log', 'PUBLIC_URL', 'OFFLINE_ENV', 'IngestError', 'SourceUnreachable', 'download', 'extract_member', 'sha256sum',
+           'fetch', 'offline_requested', 'ingest']
 
 # %% ../nbs/01_ingest.ipynb #ee2e1e15
 log = logging.getLogger(__name__)
@@ -254,20 +255,29 @@ def fetch(source: str,  # http(s) URL, file path or file:// URL of a zip or csv;
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+# %% ../nbs/01_ingest.ipynb #9a0aa866
+OFFLINE_ENV = "MSR_OFFLINE"
+
+def offline_requested() -> bool:
+    "Whether the environment asks the ingest stage never to touch the network (`MSR_OFFLINE=1`)."
+    value = os.environ.get(OFFLINE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"): return False
+    if value in ("1", "true", "yes", "on"): return True
+    raise IngestError(f"{OFFLINE_ENV}={value!r} is not a yes/no value: use {OFFLINE_ENV}=1 to read ingest.offline_source, or unset it")
+
 # %% ../nbs/01_ingest.ipynb #826864e7
 def ingest(source: str,  # where the data lives (URL, path or file:// URL; zip or csv)
            *,  # params.yaml's ingest section, whole
-           offline: bool,  # True: read `offline_source` and never touch the network
            offline_source: str,  # the shipped copy, used offline or when `source` is unreachable
+           offline: bool = False,  # True: read `offline_source` and never touch the network (the stage passes `offline_requested()`)
            **kwargs,  # passed on to `fetch`
           ) -> dict:
-    "Run the ingest step; the returned dict says which source was used."
+    "Run the ingest step; the returned dict says which route was taken (`route`, and `fallback_reason` after a fallback)."
     if offline:
-        if not offline_source: raise IngestError("ingest.offline is true but ingest.offline_source is empty")
+        if not offline_source: raise IngestError(f"offline ingest ({OFFLINE_ENV}=1) needs ingest.offline_source, which is empty")
         return {**fetch(offline_source, **kwargs), "route": "offline"}
     try:
         return {**fetch(source, **kwargs), "route": "source"}
     except SourceUnreachable as e:
         if not offline_source or not Path(os.path.expandvars(offline_source)).exists(): raise
-        log.warning("%s; using the offline copy %s instead", e, offline_source)
         return {**fetch(offline_source, **kwargs), "route": "offline fallback", "fallback_reason": str(e)}

@@ -18,10 +18,11 @@ from fastcore.script import Param, call_parse, store_true
 from fastcore.xtras import modified_env
 
 from .core import OUTPUTS, atomic_path, read_json
-from .tracking import STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, setup_mlflow
+from .redact import redact_text
+from .tracking import STAGE_FACTS_FILE, STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, read_stage_facts, setup_mlflow
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'run_stage', 'main']
+__all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'normalize_report', 'run_stage', 'main']
 
 # %% ../nbs/09_stage.ipynb #9f78dba4
 def _stages(repo: str | Path) -> dict:
@@ -104,34 +105,56 @@ def _open(self: _StageRuns):
         with atomic_path(self.run_file) as tmp: tmp.write_text(self.run_id or "")
 
 # %% ../nbs/09_stage.ipynb #c5d13ba5
+def _log_facts(client, run_id: str, facts: dict):
+    "The run's facts: numbers as metrics, anything else as an `msr.fact.<key>` tag (redacted, at most 500 characters)."
+    numbers = {k: v for k, v in facts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numbers: client.log_batch(run_id, metrics=[_metric(k, v) for k, v in numeric_metrics(numbers).items()])
+    for k, v in facts.items():
+        if k not in numbers: client.set_tag(run_id, f"msr.fact.{k}", redact_text(str(v))[:500])
+
 @patch
-def close(self: _StageRuns, status: str, seconds: float, report: Path):
-    "Wait for the runs; log the stage's time, report and outputs; end both runs with `status`."
+def close(self: _StageRuns, status: str, seconds: float, report: Path, facts: dict | None = None):
+    "Wait for the runs; log the stage's time, facts, report and outputs; end both runs with `status`."
     self.thread.join()
     if self.error: raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {type(self.error).__name__}: {self.error}")
     self.client.log_metric(self.run_id, "stage_seconds", seconds)
+    if facts: _log_facts(self.client, self.run_id, facts)
     if report.exists(): self.client.log_artifact(self.run_id, str(report), "report")
     if status == "FINISHED": _log_outputs(self.client, self.run_id, self.stage)
     self.client.set_terminated(self.run_id, status)
     self.client.set_terminated(self.parent, status)  # the pipeline run ends with its latest stage's status
 
+# %% ../nbs/09_stage.ipynb #24085854
+_VOLATILE = ("start_time", "end_time", "duration")
+
+def normalize_report(path: Path):
+    "Rewrite the executed notebook at `path` without timestamps, durations and papermill's random cell id."
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    for key in _VOLATILE: nb.metadata.get("papermill", {}).pop(key, None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("papermill", None)
+        if "injected-parameters" in cell.metadata.get("tags", []): cell["id"] = "injected-parameters"
+    with atomic_path(path) as tmp: nbformat.write(nb, tmp)
+
 # %% ../nbs/09_stage.ipynb #5c5b9b1a
 def run_stage(stage: str,  # a stage of dvc.yaml
               track: bool = True,  # log to MLflow
-             ) -> Path:
-    "Execute the stage's notebook into `outputs/<stage>.ipynb` (tracked in MLflow); return the report path."
+             ) -> tuple[Path, dict]:
+    "Execute the stage's notebook into `outputs/<stage>.ipynb` (tracked in MLflow); return the report path and the run's facts."
     params = stage_params(stage)
     src, report = STAGE_NOTEBOOKS / f"{stage}.ipynb", OUTPUTS / f"{stage}.ipynb"
     if not src.exists(): raise FileNotFoundError(f"stage notebook not found: {src}")
     report.parent.mkdir(parents=True, exist_ok=True)
     pm = _papermill()
-    status, error = "FINISHED", None
+    status, error, facts = "FINISHED", None, {}
     with tempfile.TemporaryDirectory(prefix="msr-stage-") as tmp:
-        run_file = Path(tmp) / "run_id"
+        run_file, facts_file = Path(tmp) / "run_id", Path(tmp) / "facts.json"
         runs = _StageRuns(stage, src, params, run_file) if track else None
         t0 = time.time()
         try:
-            with modified_env(**({STAGE_RUN_FILE: str(run_file)} if track else {})):  # the kernel inherits it
+            with modified_env(**{STAGE_FACTS_FILE: str(facts_file), **({STAGE_RUN_FILE: str(run_file)} if track else {})}):  # the kernel inherits them
                 pm.execute_notebook(str(src), str(report), parameters={"params": params}, progress_bar=False,
                                     log_output=False, report_mode=False, cwd=".",
                                     extra_arguments=["--IPKernelApp.log_level=ERROR"],  # quiet kernel start-up
@@ -143,22 +166,29 @@ def run_stage(stage: str,  # a stage of dvc.yaml
             status = "FAILED"
             error = StageFailed(f"stage {stage!r} could not run: {type(e).__name__}: {e}")
         finally:
+            if report.exists(): normalize_report(report)
+            facts = read_stage_facts(facts_file)
             if runs is not None:
-                try: runs.close(status, time.time() - t0, report)
+                try: runs.close(status, time.time() - t0, report, facts)
                 except StageFailed as e: error = error or e
     if error: raise error
-    return report
+    return report, facts
 
 # %% ../nbs/09_stage.ipynb #cf4b9bb6
+def _shown(facts: dict, limit: int = 6) -> str:
+    "The first `limit` facts as `key=value` pairs for msr-stage's last line (secrets redacted, long values cut)."
+    shown = "".join(f", {k}={redact_text(str(v))[:80]}" for k, v in list(facts.items())[:limit])
+    return shown + (f", +{len(facts) - limit} more facts in MLflow" if len(facts) > limit else "")
+
 @call_parse
 def main(stage: Param("stage name, as in dvc.yaml", str),
          no_track: Param("do not log to MLflow", store_true) = False):
     "Run one msr pipeline stage notebook with papermill (`msr-stage <stage> [--no_track]`)."
     gc.disable()  # a short-lived process: no collections while MLflow and papermill import
     t0 = time.time()
-    try: report = run_stage(stage, track=not no_track)
+    try: report, facts = run_stage(stage, track=not no_track)
     except (StageFailed, FileNotFoundError, KeyError, ValueError) as e:
         print(f"msr-stage: {e}", file=sys.stderr)
         sys.exit(1)
     finally: gc.freeze()  # nor at exit: the interpreter's last collection skips frozen objects
-    print(f"msr-stage: {stage} done in {time.time() - t0:.1f}s, report {report}")
+    print(f"msr-stage: {stage} done in {time.time() - t0:.1f}s{_shown(facts)}, report {report}")

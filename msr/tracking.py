@@ -5,6 +5,7 @@
 # %% ../nbs/09a_tracking.ipynb #596edc62
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -13,12 +14,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .core import atomic_path
 from .redact import redact_params
 
 # %% auto #0
-__all__ = ['DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'STAGE_RUN_FILE', 'flatten', 'loggable_params',
-           'metric_key', 'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'pipeline_key', 'git_commit', 'parent_run',
-           'stage_run']
+__all__ = ['DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'STAGE_RUN_FILE', 'STAGE_FACTS_FILE', 'flatten',
+           'loggable_params', 'metric_key', 'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'pipeline_key',
+           'git_commit', 'parent_run', 'stage_run', 'stage_facts', 'read_stage_facts']
 
 # %% ../nbs/09a_tracking.ipynb #bc6e650c
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -113,3 +115,19 @@ def stage_run(timeout: float = 600,  # seconds to wait for msr-stage to open the
     run_id = Path(path).read_text().strip()
     if not run_id: raise RuntimeError("msr-stage could not open the stage's MLflow run (its error follows the report)")
     return run_id
+
+# %% ../nbs/09a_tracking.ipynb #dcd0c353
+STAGE_FACTS_FILE = "MSR_STAGE_FACTS_FILE"
+
+def stage_facts(**facts) -> dict | None:
+    "Record how this run of a stage went for `msr-stage` (MLflow and its printout); outside it, return `facts` to show them."
+    path = os.environ.get(STAGE_FACTS_FILE)
+    if not path: return facts
+    path = Path(path)
+    known = json.loads(path.read_text()) if path.exists() else {}
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps({**known, **facts}, default=str))
+
+def read_stage_facts(path: str | Path) -> dict:
+    "The facts a stage recorded in `path` ({} when it recorded none)."
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}

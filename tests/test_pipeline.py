@@ -104,13 +104,36 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
         list((project / "mlartifacts").glob(f"{runs['evaluate']}/artifacts/report/evaluate.ipynb"))
 
     # register: the first version is the champion, loadable from the registry
-    decision = json.loads((project / "outputs/metrics/register.json").read_text())
+    decision = json.loads((project / "outputs/register.json").read_text())
     assert decision == {"version": 1, "champion": 1, "promoted": True, "score": table["msr"]["half"]["r_precision"]}
     assert db.execute("select alias, version from registered_model_aliases where name='msr-recommender'").fetchall() == [("champion", 1)]
 
     # an immediate second run executes nothing
     second = run(["dvc", "repro"], project)
     assert ran(second) == set(), second.stdout
+
+    # outputs are a function of code, params and data: re-running the stages whose runs differ most (the network
+    # route, the fit's and the answers' timings, the feed) rewrites nothing, so dvc.lock and the metrics stay as committed
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first run"], project)
+    again = {stage: run(["dvc", "repro", "--force", "--single-item", stage], project).stdout
+             for stage in ("ingest", "feed", "train", "evaluate")}
+    assert run(["git", "status", "--porcelain"], project).stdout == ""
+    # how the runs went is printed (and logged to MLflow) instead: the route, the fit's time
+    assert "msr-stage: ingest done" in again["ingest"] and "route=source" in again["ingest"], again["ingest"]
+    assert re.search(r"msr-stage: train done in [\d.]+s, fit_seconds=[\d.]+", again["train"]), again["train"]
+
+    # a DVC remote (a local folder here): push, then a fresh clone pulls and finds nothing to re-run
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "team", str(remote)], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "remote"], project)
+    run(["dvc", "push"], project)
+    fresh = tmp_path / "fresh-clone"
+    run(["git", "clone", "-q", str(project), str(fresh)], tmp_path)
+    run(["dvc", "pull"], fresh)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], fresh).stdout
+    assert ran(run(["dvc", "repro"], fresh)) == set()
+    assert digest(fresh / "data/models/recommender.pkl") == digest(project / "data/models/recommender.pkl")
 
     # one changed parameter re-runs that stage and those downstream of it, nothing else
     set_params(project, clusters={"random_state": 7})
@@ -122,7 +145,7 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     set_params(project, register={"min_gain": 1.0})
     fourth = run(["dvc", "repro"], project)
     assert ran(fourth) == {"register"}, fourth.stdout
-    decision = json.loads((project / "outputs/metrics/register.json").read_text())
+    decision = json.loads((project / "outputs/register.json").read_text())
     assert (decision["version"], decision["champion"], decision["promoted"]) == (2, 1, False)
     aliases = dict(sqlite3.connect(project / "mlflow.db").execute("select alias, version from registered_model_aliases"))
     assert aliases == {"champion": 1, "challenger": 2}
@@ -134,7 +157,7 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     with sqlite3.connect(project / "mlflow.db") as con:
         con.execute("update model_version_tags set value='1' where name='msr-recommender' and version=1 and key='msr.model_format'")
     run(["dvc", "repro", "--single-item", "--force", "register"], project)
-    decision = json.loads((project / "outputs/metrics/register.json").read_text())
+    decision = json.loads((project / "outputs/register.json").read_text())
     assert (decision["version"], decision["champion"], decision["promoted"]) == (3, 3, True), decision
     set_params(project, register={"min_gain": 0.0})
 
@@ -156,7 +179,7 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
         assert (feed["added"], feed["requests"], feed["retrain"]) == (60, 6, True)
         assert json.loads((project / "outputs/metrics/transform.json").read_text())["fed_tracks"] == 60
         assert set(t["id"] for t in new_tracks) <= set(pd.read_parquet(project / "data/processed/tracks.parquet")["track_id"])
-        decision = json.loads((project / "outputs/metrics/register.json").read_text())
+        decision = json.loads((project / "outputs/register.json").read_text())
         assert decision["version"] == 4  # retrained and registered; promoted only if it beat the champion
         for text in [fed.stdout, fed.stderr, all_text(project)]:
             assert FAKE_SECRET not in text and "app-token-DO-NOT-LEAK" not in text
