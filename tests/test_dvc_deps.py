@@ -67,3 +67,25 @@ def test_stage_declares_the_modules_it_reaches(stage):
     needed = reached(msr_imports(notebook_source(notebook)))
     missing = sorted(needed - deps)
     assert not missing, f"dvc.yaml stage {stage!r} runs code from {missing} without declaring it in deps"
+
+
+def test_lock_was_written_by_this_code_and_these_params():
+    """dvc.lock records the code, notebooks and params each stage last ran with. A commit that changes them without
+    re-running the pipeline (`make run-offline`) leaves a stale lock, which CI's run rewrites (and then fails on a
+    dirty tree ten minutes later): say so now, naming what changed."""
+    import hashlib
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stale = sorted(set(STAGES) ^ set(lock))
+    for stage, entry in lock.items():
+        if stage not in STAGES: continue
+        declared = {d for d in STAGES[stage].get("deps", [])}
+        locked = {d["path"]: d["md5"] for d in entry.get("deps", [])}
+        stale += [f"{stage}: {p} (declared, not in the lock)" for p in sorted(declared - set(locked))]
+        stale += [f"{stage}: {p} (changed)" for p, md5 in locked.items()
+                  if p.startswith(("msr/", "nbs/")) and hashlib.md5((ROOT / p).read_bytes()).hexdigest() != md5]
+        for key, value in entry.get("params", {}).get("params.yaml", {}).items():
+            current = params
+            for part in key.split("."): current = current.get(part) if isinstance(current, dict) else None
+            if current != value: stale.append(f"{stage}: param {key}")
+    assert not stale, "dvc.lock is stale; run `make run-offline` and commit dvc.lock and outputs/metrics:\n  " + "\n  ".join(stale)
