@@ -179,7 +179,8 @@ airflow-try:
 	@$(MAKE) --no-print-directory airflow || \
 	  echo "make: Airflow could not be installed (make airflow): the Airflow tests will be skipped"
 
-# Everything in one process tree for trying it out (SQLite metadata DB in .airflow/): the UI on http://127.0.0.1:8080,
-# the admin password in .airflow/simple_auth_manager_passwords.json.generated. Unpause msr_retrain to let it run hourly.
+# Everything in one process tree for trying it out, the metadata DB in .airflow/airflow.db (SQLite): the UI on
+# http://127.0.0.1:8080, the admin's password in .airflow/simple_auth_manager_passwords.json.generated. standalone starts
+# its parts as `airflow ...` from PATH, so Airflow's bin/ goes first on it. Unpause msr_retrain to let it run hourly.
 airflow-standalone: airflow
-	$(AIRFLOW_ENV) $(AIRFLOW_BIN)/airflow standalone
+	$(AIRFLOW_ENV) PATH=$(CURDIR)/$(AIRFLOW_BIN):$$PATH airflow standalone

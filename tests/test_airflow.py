@@ -169,7 +169,7 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
         assert len(hook.alerts) == 1, hook.alerts
         alert = hook.alerts[0]
         assert (alert["event"], alert["version"], alert["champion"], alert["dag_id"], alert["run_id"]) == ("not_promoted", 2, 1, DAG, run_id)
-        assert "v2 registered but not promoted (does not beat champion v1" in alert["text"] and "+60 tracks" in alert["text"], alert
+        assert "v2 registered but not promoted (does not beat champion v1" in alert["text"] and "retrained on +60 tracks, catalogue growth" in alert["text"], alert
         assert [json.loads(line)["event"] for line in commanded.read_text().splitlines() if line.strip()] == ["not_promoted"]
         assert "msr-loop: ALERT: msr (msr_retrain" in outputs[-1] and "k3y-in-path" not in outputs[-1]
 
@@ -181,7 +181,7 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
             {"feed": "success", "retrain_signal": "success", "retrain": "skipped", "report": "success"}, (state, tasks)
         report = airflow.xcom(run_id, "report")
         assert (report["event"], report["champion"], report["latest"], report["alert"]) == ("no_retrain", 1, 2, False), report
-        assert "no retrain: +0 tracks" in outputs[-1] and len(hook.alerts) == 1
+        assert "no retrain: +0 tracks, catalogue growth 0.00%" in outputs[-1] and len(hook.alerts) == 1
 
         # 3. new tracks again, but the retrain fails (a transform parameter out of range): tried twice (retries: 1), the run
         #    fails, the report does not run, and one alert names the task after its last try
@@ -206,3 +206,60 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
         print(f"\nairflow dags test: retrain {first.seconds:.1f} s, short-circuit {second.seconds:.1f} s, failing retrain {third.seconds:.1f} s")
     finally:
         for srv in (api, provider, hook): srv.shutdown(); srv.server_close()
+
+
+@pytest.fixture()
+def postgres():
+    """A PostgreSQL cluster of its own on 127.0.0.1 with password authentication: its database `airflow`, owned by the role
+    `airflow`; yields the SQLAlchemy URI (the driver named: psycopg2) and the password. As root, the server runs as `postgres`."""
+    import secrets
+    import shutil
+    import tempfile
+    from conftest import free_port
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not on PATH (apt-get install postgresql)")
+    root = os.geteuid() == 0
+    if root and not shutil.which("runuser"): pytest.skip("running as root without runuser: initdb refuses root")
+    as_owner = ["runuser", "-u", "postgres", "--"] if root else []
+    home = Path(tempfile.mkdtemp(prefix="msr-airflow-pg-"))  # not under pytest's 0700 folder: the postgres user must reach it
+    password, port = secrets.token_urlsafe(16), free_port()
+    (home / "pw").write_text(password)
+    if root: shutil.chown(home, "postgres"); shutil.chown(home / "pw", "postgres")
+    data = home / "data"
+    def pg(*cmd, check=True):
+        p = subprocess.run([*as_owner, *cmd], capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password})
+        if check and p.returncode: raise AssertionError(f"{' '.join(cmd)} failed: {p.stdout[-2000:]} {p.stderr[-2000:]}")
+        return p
+    try:
+        pg("initdb", "-D", str(data), "-U", "airflow", "--auth=scram-sha-256", f"--pwfile={home / 'pw'}")
+        pg("pg_ctl", "-D", str(data), "-l", str(home / "server.log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {home}", "start")
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "airflow", "airflow")
+        yield f"postgresql+psycopg2://airflow:{password}@127.0.0.1:{port}/airflow", password
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop", check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_team_metadata_db_on_postgresql(project, tmp_path, postgres):
+    """Team mode: Airflow's metadata DB on PostgreSQL (AIRFLOW__DATABASE__SQL_ALCHEMY_CONN; apache-airflow[postgres]). The DAG
+    imports, and a run whose feed cannot run (this copy has no data yet) fails after its tries and alerts, its password unseen."""
+    uri, password = postgres
+    run(["make", "airflow"], project)
+    airflow = Airflow(project)
+    airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = uri
+    set_params(project, airflow={"retries": 0})
+    commanded = tmp_path / "alerts.jsonl"
+    migrated = airflow("db", "migrate")
+    airflow("dags", "reserialize")
+    assert "No data found" in airflow("dags", "list-import-errors").stdout
+    failed = airflow("dags", "test", DAG, env={"MSR_ALERT_COMMAND": f"cat >> {commanded}"}, check=False)
+    assert failed.returncode != 0 and not (project / ".airflow/airflow.db").exists()  # all in PostgreSQL
+    runs = json.loads(airflow("dags", "list-runs", DAG, "-o", "json").stdout.strip().splitlines()[-1])
+    assert [r["state"] for r in runs] == ["failed"], runs
+    states = json.loads(airflow("tasks", "states-for-dag-run", DAG, runs[0]["run_id"], "-o", "json").stdout.strip().splitlines()[-1])
+    assert {t["task_id"]: t["state"] for t in states} == {"feed": "failed", "retrain_signal": "upstream_failed",
+                                                          "retrain": "upstream_failed", "report": "upstream_failed"}, states
+    alert = json.loads(commanded.read_text())
+    assert (alert["event"], alert["task_id"], alert["run_id"]) == ("task_failed", "feed", runs[0]["run_id"]), alert
+    assert password not in failed.stdout + failed.stderr + commanded.read_text()
+    print(f"\nPostgreSQL: airflow db migrate {migrated.seconds:.1f} s, a failing dags test {failed.seconds:.1f} s")
