@@ -170,6 +170,7 @@ airflow:
 	  secret() { $(AIRFLOW_BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))'; }; \
 	  (umask 077; printf '%s\n' "# msr's AIRFLOW_HOME (make airflow); Airflow's defaults hold for everything not set here" \
 	    '[core]' "dags_folder = $(CURDIR)/dags" 'load_examples = False' \
+	    '# msr_retrain runs one task at a time; the LocalExecutor forks this many workers at its start (default 32)' 'parallelism = 4' \
 	    '[api]' 'host = 127.0.0.1' "secret_key = $$(secret)" '[api_auth]' "jwt_secret = $$(secret)" > $(AIRFLOW_HOME_DIR)/airflow.cfg); \
 	fi; \
 	echo "make airflow: Airflow $$($(AIRFLOW_BIN)/python -c 'from importlib.metadata import version; print(version("apache-airflow"))') in $(AIRFLOW_HOME_DIR)/venv -> $$venv; AIRFLOW_HOME=$(AIRFLOW_HOME_DIR)"

@@ -74,7 +74,10 @@ import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(sys.argv[1])
 dag = bag.dags["msr_retrain"]
+from airflow.configuration import conf
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "msr_imported": "msr" in sys.modules,
+                  "config": [conf.get("core", "dags_folder"), conf.getboolean("core", "load_examples"), conf.getint("core", "parallelism"),
+                             conf.get("api", "host")],
                   "catchup": dag.catchup, "max_active_runs": dag.max_active_runs,
                   "tasks": {t.task_id: {"retries": t.retries, "retry_delay": t.retry_delay.total_seconds(),
                                         "backoff": t.retry_exponential_backoff, "max_retry_delay": t.max_retry_delay.total_seconds(),
@@ -98,6 +101,7 @@ def test_dag_imports_with_the_projects_settings(project, airflow):
                                capture_output=True, text=True, check=True)
     got = json.loads(inspected.stdout.splitlines()[-1])
     assert got["errors"] == {} and not got["msr_imported"] and got["catchup"] is False and got["max_active_runs"] == 1
+    assert got["config"] == [str(project / "dags"), False, 4, "127.0.0.1"]  # make airflow's .airflow/airflow.cfg
     tasks = got["tasks"]
     assert sorted(tasks) == sorted(TASKS)
     assert {t: v["upstream"] for t, v in tasks.items()} == {"feed": [], "retrain_signal": ["feed"], "retrain": ["retrain_signal"], "report": ["retrain"]}
