@@ -67,6 +67,7 @@ def alert_failure(context):
      default_args={"retries": SETTINGS["retries"], "retry_delay": timedelta(seconds=SETTINGS["retry_delay"]),
                    "retry_exponential_backoff": float(SETTINGS["retry_backoff"]),
                    "max_retry_delay": timedelta(seconds=SETTINGS["max_retry_delay"]),
+                   "execution_timeout": timedelta(seconds=SETTINGS["report_timeout"]),  # feed and retrain set their own
                    "on_failure_callback": alert_failure})
 def msr_retrain():
     step = {"cwd": str(PROJECT), "skip_on_exit_code": None, "output_processor": json.loads}  # the last line is the step's JSON
@@ -81,7 +82,7 @@ def msr_retrain():
                            execution_timeout=timedelta(seconds=SETTINGS["retrain_timeout"]))
     report = BashOperator(task_id="report", bash_command=in_project('msr-loop report --signal "$MSR_LOOP_SIGNAL"'),
                           env={"MSR_LOOP_SIGNAL": "{{ ti.xcom_pull(task_ids='feed') | tojson }}"}, append_env=True,
-                          trigger_rule="none_failed", execution_timeout=timedelta(seconds=SETTINGS["report_timeout"]), **step)
+                          trigger_rule="none_failed", **step)
     retrain_signal(feed.output) >> retrain >> report
 
 

@@ -108,7 +108,7 @@ def test_dag_imports_with_the_projects_settings(project, airflow):
     assert tasks["report"]["trigger_rule"] == "none_failed"  # it reports the champion when the retrain was skipped too
     for name, t in tasks.items():
         assert (t["retries"], t["retry_delay"], t["backoff"], t["max_retry_delay"], t["on_failure"]) == (3, 7, 3.0, 99, ["alert_failure"]), name
-    assert [tasks[t]["timeout"] for t in ("feed", "retrain", "report")] == [111, 222, 33]
+    assert [tasks[t]["timeout"] for t in TASKS] == [111, 33, 222, 33]
 
     # a params.yaml without the airflow section is an import error that says what is missing
     params = (project / "params.yaml").read_text()
