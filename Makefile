@@ -5,6 +5,7 @@
 #   make serve      serve the registered champion over REST (msr-serve) on 127.0.0.1
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
 #   make hub        JupyterHub on 127.0.0.1: accounts (signup, admin approval) and the dashboard as its service
+#   make airflow    Apache Airflow 3 in its own venv (.airflow/) for the feed -> retrain DAG (dags/msr_retrain.py)
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`, and wrk: apt-get install wrk)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8866
 
-.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard hub hub-proxy
+.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard hub hub-proxy airflow airflow-try airflow-standalone
 
 setup: $(STAMP)
 
@@ -58,12 +59,12 @@ sync-check: setup
 
 # pyflakes and pycodestyle errors over the library, the notebooks, the tests and the benchmarks (rules in pyproject.toml)
 lint: setup
-	$(BIN)/ruff check msr nbs tests benchmarks
+	$(BIN)/ruff check msr nbs tests benchmarks dags
 
 nbtest: setup
 	$(BIN)/nbdev_test --n_workers 2
 
-pytest: setup hub-proxy
+pytest: setup hub-proxy airflow-try
 	$(BIN)/python -m pytest
 
 test: sync-check lint nbtest pytest
@@ -142,3 +143,46 @@ bench: setup
 	$(BIN)/python benchmarks/dashboard.py --runs 5
 	$(BIN)/python benchmarks/hub.py --runs 5
 	$(BIN)/python benchmarks/serve.py --runs 5 --seconds 15 --connections 8 1
+
+# Apache Airflow for the feed -> retrain DAG (dags/msr_retrain.py), in a venv of its own: the DAG reaches msr through the
+# project's .venv. The venv is built once per machine under $XDG_CACHE_HOME/msr/ (else ~/.cache/msr/), keyed by the
+# Airflow version and Python, and linked as .airflow/venv; .airflow/ (gitignored) is this project's AIRFLOW_HOME. Its
+# airflow.cfg, written once (0600), names the DAG folder, binds the UI to 127.0.0.1 and holds the secrets Airflow's
+# processes share. apache-airflow[postgres], so AIRFLOW__DATABASE__SQL_ALCHEMY_CONN may name the team's PostgreSQL.
+AIRFLOW_VERSION := 3.3.2
+AIRFLOW_HOME_DIR := .airflow
+AIRFLOW_BIN := $(AIRFLOW_HOME_DIR)/venv/bin
+AIRFLOW_CACHE = $${XDG_CACHE_HOME:-$$HOME/.cache}/msr/airflow-$(AIRFLOW_VERSION)-py$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+AIRFLOW_ENV = AIRFLOW_HOME=$(CURDIR)/$(AIRFLOW_HOME_DIR) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags
+
+airflow:
+	@set -e; venv=$(AIRFLOW_CACHE); \
+	if [ ! -f $$venv/.msr-complete ]; then \
+	  mkdir -p "$$(dirname $$venv)"; \
+	  ( flock 9; if [ ! -f $$venv/.msr-complete ]; then \
+	      echo "make airflow: installing apache-airflow[postgres]==$(AIRFLOW_VERSION) into $$venv"; \
+	      rm -rf $$venv; $(PYTHON) -m venv $$venv; \
+	      $$venv/bin/python -m pip install --quiet --upgrade pip; \
+	      $$venv/bin/python -m pip install --quiet 'apache-airflow[postgres]==$(AIRFLOW_VERSION)'; \
+	      touch $$venv/.msr-complete; fi ) 9>$$venv.lock; \
+	fi; \
+	mkdir -p $(AIRFLOW_HOME_DIR); chmod 700 $(AIRFLOW_HOME_DIR); ln -sfn $$venv $(AIRFLOW_BIN:/bin=); \
+	if [ ! -f $(AIRFLOW_HOME_DIR)/airflow.cfg ]; then \
+	  secret() { $(AIRFLOW_BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))'; }; \
+	  (umask 077; printf '%s\n' "# msr's AIRFLOW_HOME (make airflow); Airflow's defaults hold for everything not set here" \
+	    '[core]' "dags_folder = $(CURDIR)/dags" 'load_examples = False' \
+	    '# msr_retrain runs one task at a time; the LocalExecutor forks this many workers at its start (default 32)' 'parallelism = 4' \
+	    '[api]' 'host = 127.0.0.1' "secret_key = $$(secret)" '[api_auth]' "jwt_secret = $$(secret)" > $(AIRFLOW_HOME_DIR)/airflow.cfg); \
+	fi; \
+	echo "make airflow: Airflow $$($(AIRFLOW_BIN)/python -c 'from importlib.metadata import version; print(version("apache-airflow"))') in $(AIRFLOW_HOME_DIR)/venv -> $$venv; AIRFLOW_HOME=$(AIRFLOW_HOME_DIR)"
+
+# `airflow-try` tries and goes on without it (the Airflow tests then skip and say why); `make airflow` must succeed.
+airflow-try:
+	@$(MAKE) --no-print-directory airflow || \
+	  echo "make: Airflow could not be installed (make airflow): the Airflow tests will be skipped"
+
+# Everything in one process tree for trying it out, the metadata DB in .airflow/airflow.db (SQLite): the UI on
+# http://127.0.0.1:8080, the admin's password in .airflow/simple_auth_manager_passwords.json.generated. standalone starts
+# its parts as `airflow ...` from PATH, so Airflow's bin/ goes first on it. Unpause msr_retrain to let it run hourly.
+airflow-standalone: airflow
+	$(AIRFLOW_ENV) PATH=$(CURDIR)/$(AIRFLOW_BIN):$$PATH airflow standalone

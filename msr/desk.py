@@ -147,10 +147,15 @@ def versions() -> list[dict]:
     from msr.registry import MODEL_NAME
     from msr.tracking import tracking_uri
     mlflow.set_tracking_uri(tracking_uri())
-    found = mlflow.MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")
+    client = mlflow.MlflowClient()
+    found = client.search_model_versions(f"name='{MODEL_NAME}'")
+    # the search leaves each version's aliases empty (MLflow's SQL store): they are the registered model's
+    aliases = {}
+    for alias, version in (client.get_registered_model(MODEL_NAME).aliases if found else {}).items():
+        aliases.setdefault(int(version), []).append(alias)
     def row(v):
         t = v.tags or {}
-        return {"version": int(v.version), "aliases": sorted(v.aliases or []), "metric": t.get("eval.metric"), "score": t.get("eval.value"),
+        return {"version": int(v.version), "aliases": sorted(aliases.get(int(v.version), [])), "metric": t.get("eval.metric"), "score": t.get("eval.value"),
                 "decision": t.get("msr.decision"), "promoted": t.get("msr.promoted"), "format": t.get("msr.model_format"),
                 "promoted_by": t.get("msr.promoted_by"), "promoted_reason": t.get("msr.promoted_reason"), "promoted_at": t.get("msr.promoted_at"),
                 "created": datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")}
