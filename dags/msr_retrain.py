@@ -7,7 +7,8 @@ Every hour (params.yaml's `airflow.schedule`; no catch-up, one active run at a t
    A feed that did not feed (no Spotify credentials, Spotify failing) fails the task.
 2. **retrain_signal**: a short-circuit: without the signal, `retrain` is skipped.
 3. **retrain**: `dvc repro`: transform ... evaluate, and the register stage, which registers a new
-   msr-recommender version and moves the champion alias to it only when it beats the champion.
+   msr-recommender version and moves the champion alias to it only when it beats the champion; then, when the
+   project has a default DVC remote, `dvc push`.
 4. **report**: `msr-loop report`: the champion, and an alert when the new version was not promoted (or none was
    registered). It also runs, and reports the champion, when the retrain was skipped.
 
@@ -78,7 +79,9 @@ def msr_retrain():
     def retrain_signal(signal: dict) -> bool:
         return bool(signal["retrain"])
 
-    retrain = BashOperator(task_id="retrain", bash_command=in_project("dvc repro"), cwd=str(PROJECT), skip_on_exit_code=None,
+    # with a default DVC remote (a team's), the new data and model go there too, so every clone can `dvc pull` them
+    retrain = BashOperator(task_id="retrain", bash_command=in_project(
+                               "dvc repro && if dvc remote default >/dev/null 2>&1; then dvc push; fi"), cwd=str(PROJECT), skip_on_exit_code=None,
                            execution_timeout=timedelta(seconds=SETTINGS["retrain_timeout"]))
     report = BashOperator(task_id="report", bash_command=in_project('msr-loop report --signal "$MSR_LOOP_SIGNAL"'),
                           env={"MSR_LOOP_SIGNAL": "{{ ti.xcom_pull(task_ids='feed') | tojson }}"}, append_env=True,

@@ -158,8 +158,10 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
                "MSR_ALERT_URL": f"http://127.0.0.1:{hook.server_address[1]}/hooks/k3y-in-path",
                "MSR_ALERT_COMMAND": f"cat >> {commanded}; echo >> {commanded}"}
         outputs = []
+        remote = tmp_path / "dvc-remote"  # the team's DVC remote: the retrain pushes what it made
+        run(["dvc", "remote", "add", "-d", "team", str(remote)], project)
 
-        # 1. 60 new tracks: feed, signal, dvc repro (v2 registered, not promoted), report alerts
+        # 1. 60 new tracks: feed, signal, dvc repro (v2 registered, not promoted, the new model pushed), report alerts
         first = airflow("dags", "test", DAG, env=env)
         outputs.append(first.stdout + first.stderr)
         run_id, state, tasks = airflow.last_run()
@@ -170,6 +172,10 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
         assert dict(db.execute("select alias, version from registered_model_aliases")) == {"champion": 1, "challenger": 2}
         report = airflow.xcom(run_id, "report")
         assert (report["event"], report["version"], report["champion"], report["alert_failures"]) == ("not_promoted", 2, 1, []), report
+        import yaml
+        model_md5 = next(o["md5"] for o in yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]["outs"]
+                         if o["path"] == "data/models/recommender.pkl")
+        assert (remote / "files/md5" / model_md5[:2] / model_md5[2:]).exists(), "the retrained model was not pushed to the DVC remote"
         assert len(hook.alerts) == 1, hook.alerts
         alert = hook.alerts[0]
         assert (alert["event"], alert["version"], alert["champion"], alert["dag_id"], alert["run_id"]) == ("not_promoted", 2, 1, DAG, run_id)
