@@ -18,7 +18,7 @@ from fastcore.script import Param, call_parse, store_true
 from fastcore.xtras import modified_env
 
 from .core import OUTPUTS, atomic_path, read_json
-from .tracking import STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, setup_mlflow
+from .tracking import STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, refusal, setup_mlflow
 
 # %% auto #0
 __all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'run_stage', 'main']
@@ -108,7 +108,9 @@ def _open(self: _StageRuns):
 def close(self: _StageRuns, status: str, seconds: float, report: Path):
     "Wait for the runs; log the stage's time, report and outputs; end both runs with `status`."
     self.thread.join()
-    if self.error: raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {type(self.error).__name__}: {self.error}")
+    if self.error:
+        why = refusal(self.error) or f"{type(self.error).__name__}: {self.error}"
+        raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {why}")
     self.client.log_metric(self.run_id, "stage_seconds", seconds)
     if report.exists(): self.client.log_artifact(self.run_id, str(report), "report")
     if status == "FINISHED": _log_outputs(self.client, self.run_id, self.stage)
