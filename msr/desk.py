@@ -147,10 +147,13 @@ def versions() -> list[dict]:
     from msr.registry import MODEL_NAME
     from msr.tracking import tracking_uri
     mlflow.set_tracking_uri(tracking_uri())
-    found = mlflow.MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")
+    client = mlflow.MlflowClient()
+    found = client.search_model_versions(f"name='{MODEL_NAME}'")
+    aliases = {}  # version: its aliases, from the registered model (a search of versions leaves their aliases out)
+    for alias, v in (client.get_registered_model(MODEL_NAME).aliases if found else {}).items(): aliases.setdefault(int(v), []).append(alias)
     def row(v):
         t = v.tags or {}
-        return {"version": int(v.version), "aliases": sorted(v.aliases or []), "metric": t.get("eval.metric"), "score": t.get("eval.value"),
+        return {"version": int(v.version), "aliases": sorted(aliases.get(int(v.version), [])), "metric": t.get("eval.metric"), "score": t.get("eval.value"),
                 "decision": t.get("msr.decision"), "promoted": t.get("msr.promoted"), "format": t.get("msr.model_format"),
                 "promoted_by": t.get("msr.promoted_by"), "promoted_reason": t.get("msr.promoted_reason"), "promoted_at": t.get("msr.promoted_at"),
                 "created": datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")}
@@ -187,7 +190,10 @@ def move_champion(version: int,  # the version to make champion
         if refusal(e) is None: raise
         raise Refused(f"{refusal(e)}: moving the champion takes an MLflow user with EDIT on {MODEL_NAME} "
                       "(msr-team user add NAME --role promoter)") from None
-    if CHALLENGER in rows[version]["aliases"]: client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+    if CHALLENGER in rows[version]["aliases"]:
+        try: client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+        except MlflowException as e:  # deleting an alias takes MANAGE, more than a team server's promoter has (EDIT): it stays
+            if refusal(e) is None: raise
     for k, v in {"msr.promoted": "true", "msr.promoted_by": by, "msr.promoted_reason": reason.strip()[:500],
                  "msr.promoted_action": "rollback" if rollback else "promote",
                  "msr.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}.items():
