@@ -384,6 +384,7 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 def serve(self: Team, out=print) -> int:
     "Run `mlflow server` in the foreground until it ends or is stopped; the local cluster is started first, and stopped after when this started it."
     admin, _ = admin_credentials()  # what is missing fails before anything starts
+    if self.cluster is None: self.state.mkdir(mode=0o700, parents=True, exist_ok=True)  # (the cluster makes it otherwise)
     started = self.cluster.start() if self.cluster is not None else False
     try:
         config = write_private(self.secrets / "auth.ini", auth_config(self.database_url("mlflow_auth"), self.settings.default_permission, admin))

@@ -152,6 +152,16 @@ def test_the_server_is_lean(team_server, capsys):
     assert rss < 1024, rss
 
 
+def test_a_reader_cannot_run_a_stage(pipeline, team_server):
+    "msr-stage as a read-only user: the server refuses its run (403) and the stage fails saying so."
+    project, _ = pipeline
+    failed = run(["msr-stage", "validate"], project, check=False, env=team_server.env("reader"))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert (f"msr-stage: stage 'validate': MLflow tracking failed: the MLflow server at {team_server.url} "
+            "does not allow this to 'reader' (HTTP 403)") in failed.stderr
+    assert team_server.passwords["reader"] not in failed.stdout + failed.stderr
+
+
 def test_no_password_in_outputs_runs_or_logs(pipeline, team_server, monkeypatch):
     "No password or key of the team server in the project's reports and metrics, in any run's params and tags, or in the logs."
     project, done = pipeline
