@@ -299,6 +299,11 @@ class TeamServer:
         "The MLflow client variables that log `user` (admin, reader, promoter) in to this server."
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.passwords[user]}
 
+    def database_url(self, database: str) -> str:
+        "The SQLAlchemy URL, password included, of one of the server's PostgreSQL databases: mlflow, mlflow_auth or airflow."
+        from msr.team import Team
+        return Team(self.root).database_url(database)
+
     def secrets(self) -> dict:
         "Every secret the server and its users have: their passwords, the databases', Flask's key (name: value)."
         files = {p.name: p.read_text().strip() for p in (self.root / "data" / "team" / "secrets").glob("*") if p.name != "auth.ini"}

@@ -152,6 +152,19 @@ def test_the_server_is_lean(team_server, capsys):
     assert rss < 1024, rss
 
 
+def test_the_airflow_database_is_there(team_server):
+    "The cluster also holds Airflow's metadata database, owned by a role of its own, for team mode's scheduler."
+    import psycopg2
+    from sqlalchemy.engine import make_url
+    url = make_url(team_server.database_url("airflow"))
+    with psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database) as con:
+        with con.cursor() as cur:
+            cur.execute("create table if not exists probe (x int)")
+            cur.execute("select current_user, current_database(), rolsuper from pg_roles where rolname = current_user")
+            assert cur.fetchone() == ("airflow", "airflow", False)
+    con.close()
+
+
 def test_a_reader_cannot_run_a_stage(pipeline, team_server):
     "msr-stage as a read-only user: the server refuses its run (403) and the stage fails saying so."
     project, _ = pipeline
