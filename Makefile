@@ -6,6 +6,7 @@
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
 #   make hub        JupyterHub on 127.0.0.1: accounts (signup, admin approval) and the dashboard as its service
 #   make airflow    Apache Airflow 3 in its own venv (.airflow/) for the feed -> retrain DAG (dags/msr_retrain.py)
+#   make mlflow-server  a shared MLflow tracking server for a team: PostgreSQL, basic auth, proxied artifacts (README-team)
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`, and wrk: apt-get install wrk)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 HOST ?= 127.0.0.1
 DASHBOARD_PORT ?= 8866
 
-.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard hub hub-proxy airflow airflow-try airflow-standalone
+.PHONY: setup run run-offline test sync-check lint export clean-nbs readme nbtest pytest lab bench mlflow-ui serve dashboard hub hub-proxy airflow airflow-try airflow-standalone mlflow-server
 
 setup: $(STAMP)
 
@@ -74,6 +75,13 @@ lab: setup
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+# A team's shared MLflow server (msr-team server; params.yaml's team section): runs, registry and users in PostgreSQL (a cluster
+# made in data/team/postgres on 127.0.0.1, or team.database_url), artifacts proxied to team.artifacts, basic auth whose admin
+# password is MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters). In the foreground: Ctrl-C stops it, and the local PostgreSQL when it
+# started it (a cluster started by `msr-team db start` keeps running: `msr-team db stop`). Users: .venv/bin/msr-team user add NAME --role reader|promoter
+mlflow-server: setup
+	$(BIN)/msr-team server
 
 # The registry's champion behind msr's strict REST front, msr-serve, configured by params.yaml's serve section
 # (SERVE_HOST, SERVE_PORT, SERVE_WORKERS, SERVE_HUB override it). Beyond loopback it needs API keys: `.venv/bin/msr-keys add NAME`.

@@ -149,10 +149,8 @@ def versions() -> list[dict]:
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     found = client.search_model_versions(f"name='{MODEL_NAME}'")
-    # the search leaves each version's aliases empty (MLflow's SQL store): they are the registered model's
-    aliases = {}
-    for alias, version in (client.get_registered_model(MODEL_NAME).aliases if found else {}).items():
-        aliases.setdefault(int(version), []).append(alias)
+    aliases = {}  # version: its aliases, from the registered model (a search of versions leaves their aliases out)
+    for alias, v in (client.get_registered_model(MODEL_NAME).aliases if found else {}).items(): aliases.setdefault(int(v), []).append(alias)
     def row(v):
         t = v.tags or {}
         return {"version": int(v.version), "aliases": sorted(aliases.get(int(v.version), [])), "metric": t.get("eval.metric"), "score": t.get("eval.value"),
@@ -172,8 +170,10 @@ def move_champion(version: int,  # the version to make champion
                  ) -> dict:
     "Move the champion alias to `version`, tagged with who, why and when; returns the versions before and after."
     import mlflow
+    from mlflow.exceptions import MlflowException
     from msr.recommend import MODEL_FORMAT
     from msr.registry import CHALLENGER, CHAMPION, MODEL_NAME
+    from msr.tracking import refusal
     if not reason.strip(): raise Refused("give a reason")
     rows = {r["version"]: r for r in versions()}
     if version not in rows: raise Refused(f"{MODEL_NAME} has no version {version}")
@@ -185,8 +185,15 @@ def move_champion(version: int,  # the version to make champion
     if rows[version]["format"] != str(MODEL_FORMAT):
         raise Refused(f"v{version} is saved in model format {rows[version]['format'] or 1}, which this msr (format {MODEL_FORMAT}) cannot load")
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(MODEL_NAME, CHAMPION, str(version))
-    if CHALLENGER in rows[version]["aliases"]: client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+    try: client.set_registered_model_alias(MODEL_NAME, CHAMPION, str(version))
+    except MlflowException as e:  # a read-only MLflow user on a team server (msr.team): 403
+        if refusal(e) is None: raise
+        raise Refused(f"{refusal(e)}: moving the champion takes an MLflow user with EDIT on {MODEL_NAME} "
+                      "(msr-team user add NAME --role promoter)") from None
+    if CHALLENGER in rows[version]["aliases"]:
+        try: client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+        except MlflowException as e:  # deleting an alias takes MANAGE, more than a team server's promoter has (EDIT): it stays
+            if refusal(e) is None: raise
     for k, v in {"msr.promoted": "true", "msr.promoted_by": by, "msr.promoted_reason": reason.strip()[:500],
                  "msr.promoted_action": "rollback" if rollback else "promote",
                  "msr.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}.items():

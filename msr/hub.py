@@ -38,12 +38,12 @@ from .desk import DESK_TOKEN
 from .pages import DashboardKernels
 
 # %% auto #0
-__all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'DESK_SERVICE', 'DESK_SCOPES',
-           'private_dir', 'private_file', 'is_private', 'admin_password', 'LoginLimiter', 'login_client',
-           'MsrLoginHandler', 'same_origin_only', 'AuthorizationPage', 'AdminPasswordPage', 'ApproveHandler',
-           'DiscardSignupHandler', 'AccountsAPI', 'AccountAPI', 'MsrAuthenticator', 'NoServers', 'HubIdentity',
-           'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner', 'service_command', 'proxy_command',
-           'service_env', 'desk_token', 'configure']
+__all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'MLFLOW_CLIENT_ENV',
+           'DESK_SERVICE', 'DESK_SCOPES', 'private_dir', 'private_file', 'is_private', 'admin_password', 'LoginLimiter',
+           'login_client', 'MsrLoginHandler', 'same_origin_only', 'AuthorizationPage', 'AdminPasswordPage',
+           'ApproveHandler', 'DiscardSignupHandler', 'AccountsAPI', 'AccountAPI', 'MsrAuthenticator', 'NoServers',
+           'HubIdentity', 'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner', 'service_command',
+           'proxy_command', 'service_env', 'desk_token', 'configure']
 
 # %% ../nbs/18_hub.ipynb #7e12bed9
 def private_dir(path: str | Path) -> Path:
@@ -329,9 +329,12 @@ def proxy_command() -> list[str]:
     if not found: raise FileNotFoundError("configurable-http-proxy is missing: `make hub` installs it (npm install --prefix .hub)")
     return [found]
 
+MLFLOW_CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                     "MLFLOW_TRACKING_TOKEN")  # the desk's registry and its login there (a team server, msr.team)
+
 def service_env(root: Path) -> dict:
-    "What the dashboard service's environment gets from the hub's: `MSR_*` (but `MSR_HUB_*`), `MLFLOW_TRACKING_URI` and `MLFLOW_EXPERIMENT_NAME` (the desk's registry), and the project."
-    env = {k: v for k, v in os.environ.items() if k.startswith("MSR_") and not k.startswith("MSR_HUB_") or k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    "What the dashboard service's environment gets from the hub's: `MSR_*` (but `MSR_HUB_*`), MLflow's client variables (the desk's registry and login), and the project."
+    env = {k: v for k, v in os.environ.items() if k.startswith("MSR_") and not k.startswith("MSR_HUB_") or k in MLFLOW_CLIENT_ENV}
     return {**env, "MSR_PROJECT_DIR": str(root)}
 
 # %% ../nbs/18_hub.ipynb #e64633e2

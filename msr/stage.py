@@ -19,7 +19,7 @@ from fastcore.xtras import modified_env
 
 from .core import OUTPUTS, atomic_path, read_json
 from .redact import redact_text
-from .tracking import STAGE_FACTS_FILE, STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, read_stage_facts, setup_mlflow
+from .tracking import STAGE_FACTS_FILE, STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, read_stage_facts, refusal, setup_mlflow
 
 # %% auto #0
 __all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'normalize_report', 'run_stage', 'main']
@@ -116,7 +116,9 @@ def _log_facts(client, run_id: str, facts: dict):
 def close(self: _StageRuns, status: str, seconds: float, report: Path, facts: dict | None = None):
     "Wait for the runs; log the stage's time, facts, report and outputs; end both runs with `status`."
     self.thread.join()
-    if self.error: raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {type(self.error).__name__}: {self.error}")
+    if self.error:
+        why = refusal(self.error) or f"{type(self.error).__name__}: {self.error}"
+        raise StageFailed(f"stage {self.stage!r}: MLflow tracking failed: {why}")
     self.client.log_metric(self.run_id, "stage_seconds", seconds)
     if facts: _log_facts(self.client, self.run_id, facts)
     if report.exists(): self.client.log_artifact(self.run_id, str(report), "report")

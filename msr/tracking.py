@@ -15,12 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .core import atomic_path
-from .redact import redact_params
+from .redact import redact_params, redact_url
 
 # %% auto #0
 __all__ = ['DEFAULT_TRACKING_URI', 'DEFAULT_ARTIFACTS', 'DEFAULT_EXPERIMENT', 'STAGE_RUN_FILE', 'STAGE_FACTS_FILE', 'flatten',
-           'loggable_params', 'metric_key', 'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'pipeline_key',
-           'git_commit', 'parent_run', 'stage_run', 'stage_facts', 'read_stage_facts']
+           'loggable_params', 'metric_key', 'numeric_metrics', 'tracking_uri', 'setup_mlflow', 'refusal',
+           'pipeline_key', 'git_commit', 'parent_run', 'stage_run', 'stage_facts', 'read_stage_facts']
 
 # %% ../nbs/09a_tracking.ipynb #bc6e650c
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -68,6 +68,17 @@ def setup_mlflow() -> str:
     if exp is not None: return exp.experiment_id
     location = DEFAULT_ARTIFACTS.resolve().as_uri() if uri.startswith("sqlite:") else None
     return mlflow.create_experiment(name, artifact_location=location)
+
+# %% ../nbs/09a_tracking.ipynb #2f46ef9d
+def refusal(e: Exception) -> str | None:
+    "What an MLflow server's refusal (HTTP 401 or 403) means, naming the server and the user; None for any other error."
+    status = e.get_http_status_code() if hasattr(e, "get_http_status_code") else None
+    if status not in (401, 403): return None
+    server, user = redact_url(tracking_uri()), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        return (f"the MLflow server at {server} did not accept the login{f' of {user!r}' if user else ''}: "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return f"the MLflow server at {server} does not allow this to {repr(user) if user else 'an anonymous user'} (HTTP 403)"
 
 # %% ../nbs/09a_tracking.ipynb #f6d87be6
 def pipeline_key() -> str:

@@ -99,10 +99,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) 
     return p
 
 
-@pytest.fixture()
-def project(tmp_path) -> Path:
-    "A copy of the project in a fresh git repository, with empty data/ and outputs/ and no MLflow store."
-    dest = tmp_path / "msr"
+def copy_project(dest: Path) -> Path:
+    "A copy of the project at `dest`, in a fresh git repository, with empty data/ and outputs/ and no MLflow store."
     for f in project_files():
         if f.startswith(("data/", "outputs/")) or f == "dvc.lock": continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +109,12 @@ def project(tmp_path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)
     return dest
+
+
+@pytest.fixture()
+def project(tmp_path) -> Path:
+    "A copy of the project in a fresh git repository, with empty data/ and outputs/ and no MLflow store."
+    return copy_project(tmp_path / "msr")
 
 
 def set_params(project: Path, **sections):
@@ -282,3 +286,71 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try: yield b
         finally: b.close()
+
+
+class TeamServer:
+    """A running team MLflow server (`msr-team server`: PostgreSQL, basic auth, proxied artifacts) in a folder of its own:
+    its URL, folder, process and log, how long it took to answer, and the logins of its admin, a reader and a promoter."""
+    def __init__(self, url: str, root: Path, proc, log: Path, start_seconds: float, passwords: dict):
+        self.url, self.root, self.proc, self.log, self.start_seconds, self.passwords = url, root, proc, log, start_seconds, passwords
+        self.artifacts = root / "data" / "team" / "artifacts"
+
+    def env(self, user: str) -> dict:
+        "The MLflow client variables that log `user` (admin, reader, promoter) in to this server."
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.passwords[user]}
+
+    def database_url(self, database: str) -> str:
+        "The SQLAlchemy URL, password included, of one of the server's PostgreSQL databases: mlflow, mlflow_auth or airflow."
+        from msr.team import Team
+        return Team(self.root).database_url(database)
+
+    def secrets(self) -> dict:
+        "Every secret the server and its users have: their passwords, the databases', Flask's key (name: value)."
+        files = {p.name: p.read_text().strip() for p in (self.root / "data" / "team" / "secrets").glob("*") if p.name != "auth.ini"}
+        return {**{f"user {u}": pw for u, pw in self.passwords.items()}, **files}
+
+
+def team_unavailable() -> str | None:
+    "Why no team server can run here (PostgreSQL missing; as root, no account to run it as), or None."
+    from msr.core import load_params
+    from msr.team import TeamError, pg_program, run_as
+    try: pg_program("initdb"); pg_program("pg_ctl"); run_as(load_params(ROOT / "params.yaml", "team")["db_account"])
+    except TeamError as e: return str(e)
+    return None
+
+
+@pytest.fixture(scope="session")
+def team_server():
+    """`msr-team server` (what `make mlflow-server` runs) on 127.0.0.1, one per test session, in a folder of its own: a
+    PostgreSQL cluster made there, basic auth with a generated admin password, artifacts proxied to its data/team/artifacts,
+    and two users made with `msr-team user add`: `reader` (its password generated into a 0600 file) and `promoter` (its
+    password from MSR_TEAM_USER_PASSWORD). Stopped, database included, at the end of the session."""
+    import secrets
+    import tempfile
+    import time
+    why = team_unavailable()
+    if why: pytest.skip(f"no team server here: {why}")
+    root = Path(tempfile.mkdtemp(prefix="msr-team-"))  # not under pytest's 0700 base: PostgreSQL's account must pass through (as root)
+    root.chmod(0o711)
+    try:
+        for f in ("params.yaml", "dvc.yaml"): shutil.copy2(ROOT / f, root / f)  # what marks a project root
+        port = free_port()
+        set_params(root, team={"db_port": free_port(), "port": port})
+        passwords = {"admin": secrets.token_urlsafe(18), "promoter": secrets.token_urlsafe(18)}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MSR_"))},
+               "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_AUTH_ADMIN_PASSWORD": passwords["admin"]}
+        url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
+        proc = start_server([str(BIN / "msr-team"), "server"], root, env, f"{url}/health", root / "server.log")
+        start_seconds = time.monotonic() - t0
+        try:
+            run([str(BIN / "msr-team"), "user", "add", "reader", "--role", "reader"], root, env=env)
+            passwords["reader"] = (root / "data/team/users/reader.password").read_text().strip()
+            run([str(BIN / "msr-team"), "user", "add", "promoter", "--role", "promoter"], root,
+                env={**env, "MSR_TEAM_USER_PASSWORD": passwords["promoter"]})
+            yield TeamServer(url, root, proc, root / "server.log", start_seconds, passwords)
+        finally:
+            stop_server(proc)
+            if run([str(BIN / "msr-team"), "db", "status"], root, check=False).returncode != 3:  # msr-team stops what it started
+                run([str(BIN / "msr-team"), "db", "stop"], root, check=False)
+                raise AssertionError(f"msr-team server left its PostgreSQL running:\n{(root / 'server.log').read_text()[-2000:]}")
+    finally: shutil.rmtree(root, ignore_errors=True)
