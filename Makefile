@@ -6,7 +6,7 @@
 #   make dashboard  the voila dashboard on 127.0.0.1 (token-protected; the URL with its token is printed)
 #   make hub        JupyterHub on 127.0.0.1: accounts (signup, admin approval) and the dashboard as its service
 #   make airflow    Apache Airflow 3 in its own venv (.airflow/) for the feed -> retrain DAG (dags/msr_retrain.py)
-#   make mlflow-server  a shared MLflow tracking server for a team: PostgreSQL, basic auth, proxied artifacts (README-team)
+#   make mlflow-server  a shared MLflow tracking server for a team: PostgreSQL, basic auth, proxied artifacts (README: Team mode)
 #   make bench      run the benchmarks (figures for BENCHMARKS.md; needs a finished `make run`, and wrk: apt-get install wrk)
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -218,42 +218,14 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
         for srv in (api, provider, hook): srv.shutdown(); srv.server_close()
 
 
-@pytest.fixture()
-def postgres():
-    """A PostgreSQL cluster of its own on 127.0.0.1 with password authentication: its database `airflow`, owned by the role
-    `airflow`; yields the SQLAlchemy URI (the driver named: psycopg2) and the password. As root, the server runs as `postgres`."""
-    import secrets
-    import shutil
-    import tempfile
-    from conftest import free_port
-    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
-        pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not on PATH (apt-get install postgresql)")
-    root = os.geteuid() == 0
-    if root and not shutil.which("runuser"): pytest.skip("running as root without runuser: initdb refuses root")
-    as_owner = ["runuser", "-u", "postgres", "--"] if root else []
-    home = Path(tempfile.mkdtemp(prefix="msr-airflow-pg-"))  # not under pytest's 0700 folder: the postgres user must reach it
-    password, port = secrets.token_urlsafe(16), free_port()
-    (home / "pw").write_text(password)
-    if root: shutil.chown(home, "postgres"); shutil.chown(home / "pw", "postgres")
-    data = home / "data"
-    def pg(*cmd, check=True):
-        p = subprocess.run([*as_owner, *cmd], capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password})
-        if check and p.returncode: raise AssertionError(f"{' '.join(cmd)} failed: {p.stdout[-2000:]} {p.stderr[-2000:]}")
-        return p
-    try:
-        pg("initdb", "-D", str(data), "-U", "airflow", "--auth=scram-sha-256", f"--pwfile={home / 'pw'}")
-        pg("pg_ctl", "-D", str(data), "-l", str(home / "server.log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {home}", "start")
-        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "airflow", "airflow")
-        yield f"postgresql+psycopg2://airflow:{password}@127.0.0.1:{port}/airflow", password
-    finally:
-        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop", check=False)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def test_team_metadata_db_on_postgresql(project, tmp_path, postgres):
-    """Team mode: Airflow's metadata DB on PostgreSQL (AIRFLOW__DATABASE__SQL_ALCHEMY_CONN; apache-airflow[postgres]). The DAG
-    imports, and a run whose feed cannot run (this copy has no data yet) fails after its tries and alerts, its password unseen."""
-    uri, password = postgres
+def test_team_metadata_db_on_postgresql(project, tmp_path, team_server):
+    """Team mode: Airflow's metadata DB is the `airflow` database of the team's PostgreSQL (the cluster `msr-team` made for the
+    session's team server; AIRFLOW__DATABASE__SQL_ALCHEMY_CONN; apache-airflow[postgres]). The DAG imports, and a run whose feed
+    cannot run (this copy has no data yet) fails after its tries and alerts, the database's password unseen."""
+    from urllib.parse import urlsplit
+    uri = team_server.database_url("airflow")
+    password = urlsplit(uri).password
+    assert password and uri.startswith("postgresql+psycopg2://")
     run(["make", "airflow"], project)
     airflow = Airflow(project)
     airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = uri
