@@ -151,6 +151,7 @@ bench: setup
 	$(BIN)/python benchmarks/dashboard.py --runs 5
 	$(BIN)/python benchmarks/hub.py --runs 5
 	$(BIN)/python benchmarks/serve.py --runs 5 --seconds 15 --connections 8 1
+	$(BIN)/python benchmarks/team.py --runs 5
 
 # Apache Airflow for the feed -> retrain DAG (dags/msr_retrain.py), in a venv of its own: the DAG reaches msr through the
 # project's .venv. The venv is built once per machine under $XDG_CACHE_HOME/msr/ (else ~/.cache/msr/), keyed by the

@@ -54,6 +54,7 @@ class TeamSettings:
     workers: int  # uvicorn worker processes
     artifacts: str  # --artifacts-destination: a folder (relative to the project) or a URI (s3://…)
     default_permission: str  # what a user may do where nothing was granted
+    auth_cache_seconds: int  # how long a checked login is trusted without hashing its password again
     allowed_hosts: list  # Host names clients use when the server binds beyond loopback
 
     @classmethod
@@ -311,6 +312,7 @@ def admin_credentials() -> tuple[str, str]:
 def auth_config(database_uri: str,  # MLflow's user store
                 default_permission: str,  # what a user may do where nothing was granted
                 admin: str,  # the admin's name
+                cache_seconds: int = 0,  # how long a checked login is trusted without hashing its password again (0: never)
                ) -> str:
     "The text of MLflow's basic-auth configuration file (MLFLOW_AUTH_CONFIG_PATH)."
     def value(v: str) -> str: return v.replace("%", "%%")  # configparser's interpolation
@@ -318,6 +320,7 @@ def auth_config(database_uri: str,  # MLflow's user store
             f"default_permission = {default_permission}\n"
             f"database_uri = {value(database_uri)}\n"
             f"admin_username = {value(admin)}\n"
+            f"auth_cache_ttl_seconds = {int(cache_seconds)}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
 
 # %% ../nbs/20_team.ipynb #3aa1860d
@@ -387,7 +390,8 @@ def serve(self: Team, out=print) -> int:
     if self.cluster is None: self.state.mkdir(mode=0o700, parents=True, exist_ok=True)  # (the cluster makes it otherwise)
     started = self.cluster.start() if self.cluster is not None else False
     try:
-        config = write_private(self.secrets / "auth.ini", auth_config(self.database_url("mlflow_auth"), self.settings.default_permission, admin))
+        config = write_private(self.secrets / "auth.ini", auth_config(self.database_url("mlflow_auth"), self.settings.default_permission, admin,
+                                                                   self.settings.auth_cache_seconds))
         env, cmd = self.server_env(config), self.command()
         out(f"msr-team: MLflow on {self.url} (basic auth, admin {admin!r}), store {redact_url(self.database_url())}, "
             f"artifacts {self.artifacts}; Ctrl-C stops it" + (" and the local PostgreSQL" if started else ""))
