@@ -29,13 +29,25 @@ $(STAMP): settings.ini setup.py
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	touch $(STAMP)
 
+# The register stage declares no DVC outputs (its product is the registry entry), so DVC skips it while its inputs are
+# unchanged, as in a fresh clone whose dvc.lock says it ran: right for a team's registry, which holds the version already.
+# A registry with no champion (a fresh clone's own mlflow.db) gets this model registered after the pipeline.
+define REGISTER_IF_NO_CHAMPION
+	@rc=0; $(BIN)/python -c "import sys; from msr.registry import champion_version; sys.exit(0 if champion_version() else 3)" || rc=$$?; \
+	if [ $$rc = 3 ]; then echo "msr: the registry has no champion yet: registering this model (dvc repro --force --single-item register)"; \
+	  $(1) $(BIN)/dvc repro --force --single-item register; \
+	elif [ $$rc != 0 ]; then echo "msr: could not ask the registry for its champion (see above)"; exit $$rc; fi
+endef
+
 run: setup
 	$(BIN)/dvc repro
+	$(call REGISTER_IF_NO_CHAMPION)
 
 # Same pipeline without touching the network: reads ingest.offline_source (the shipped archive). The route is the
 # environment's, not a parameter: sha256 pins the same bytes either way, so params.yaml and dvc.lock do not change.
 run-offline: setup
 	MSR_OFFLINE=1 $(BIN)/dvc repro
+	$(call REGISTER_IF_NO_CHAMPION,MSR_OFFLINE=1)
 
 export: setup
 	$(BIN)/nbdev_export

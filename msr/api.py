@@ -284,7 +284,7 @@ def load_champion(model_uri: str = CHAMPION_URI):
     try: return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().service
     except MlflowException as e:
         raise ValueError(f"no model at {model_uri} in the registry at {redact_url(tracking_uri())} ({str(e)[:200]}): "
-                         "run `make run` (its register stage; in a fresh clone whose lock says it ran, `dvc repro --force --single-item register` registers the pulled model here), or serve the train stage's file with --model local") from None
+                         "run `make run` (its register stage, which also registers a fresh clone's model in a registry with no champion), or serve the train stage's file with --model local") from None
 
 # %% ../nbs/13b_api.ipynb #370a2d55
 @dataclass

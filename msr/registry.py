@@ -23,11 +23,12 @@ from .monitor import open_monitor
 from .recommend import MODEL_FORMAT
 from .seeds import RECORD_FIELDS
 from .serve import CARD_COLUMNS, MAX_QUERIES, RESULT_COLUMNS, BadRequest, Service, Unavailable
-from .tracking import setup_mlflow, stage_run
+from .tracking import setup_mlflow, stage_run, tracking_uri
 
 # %% auto #0
 __all__ = ['MODEL_NAME', 'CHAMPION', 'CHALLENGER', 'OUTPUT_COLUMNS', 'REQUIREMENTS', 'EXAMPLE_RECORD', 'signature', 'MsrModel',
-           'answer_records', 'pinned_requirements', 'log_version', 'decide', 'promotion', 'register']
+           'answer_records', 'pinned_requirements', 'log_version', 'decide', 'promotion', 'register',
+           'champion_version']
 
 # %% ../nbs/13a_registry.ipynb #e39bdf2a
 MODEL_NAME = "msr-recommender"  # the registered model
@@ -202,3 +203,12 @@ def register(*,  # metric, setting and min_gain are params.yaml's register secti
     champion = int(new) if p["promoted"] else p["champion_before"]
     return {"name": name, "version": int(new), "metric": f"{setting}.{metric}", "score": score, **p, "champion": champion,
             "model_uri": f"models:/{name}@{CHAMPION}", "run_id": run.info.run_id}
+
+# %% ../nbs/13a_registry.ipynb #80c8f62d
+def champion_version(name: str = MODEL_NAME,  # the registered model
+                    ) -> int | None:
+    "The version the registry's (MLFLOW_TRACKING_URI's) champion alias points to; None without a registered model or champion."
+    try: return int(mlflow.MlflowClient(tracking_uri()).get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"): return None  # no such model; no such alias
+        raise
