@@ -76,7 +76,7 @@ def main():
         password = secrets.token_urlsafe(18)
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MSR_"))},
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_AUTH_ADMIN_PASSWORD": password}
-        url = f"http://127.0.0.1:{port}"
+        url, cluster = f"http://127.0.0.1:{port}", folder / params["team"]["state"] / "postgres"
         rows = []
         for i in range(args.runs):
             t0 = time.perf_counter()
@@ -84,7 +84,6 @@ def main():
                          folder / f"server-{i}.log")
             up = time.perf_counter() - t0
             server = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]  # mlflow and its uvicorn worker
-            cluster = folder / params["team"]["state"] / "postgres"
             idle, pg_idle = memory(server), memory(postgres_pids(cluster))
             calls = track(url, password, args.calls)
             loaded, pg_loaded = memory(server), memory(postgres_pids(cluster))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -22,12 +21,10 @@ from .core import RAW_CSV, atomic_path
 from .redact import redact_url
 
 # %% auto #0
-__all__ = ['log', 'PUBLIC_URL', 'OFFLINE_ENV', 'IngestError', 'SourceUnreachable', 'download', 'extract_member', 'sha256sum',
-           'fetch', 'offline_requested', 'ingest']
+__all__ = ['PUBLIC_URL', 'OFFLINE_ENV', 'IngestError', 'SourceUnreachable', 'download', 'extract_member', 'sha256sum', 'fetch',
+           'offline_requested', 'ingest']
 
 # %% ../nbs/01_ingest.ipynb #ee2e1e15
-log = logging.getLogger(__name__)
-
 PUBLIC_URL = ("https://raw.githubusercontent.com/rfordatascience/tidytuesday/master/"
               "data/2020/2020-01-21/spotify_songs.csv")
 

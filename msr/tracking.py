@@ -134,9 +134,7 @@ def stage_facts(**facts) -> dict | None:
     "Record how this run of a stage went for `msr-stage` (MLflow and its printout); outside it, return `facts` to show them."
     path = os.environ.get(STAGE_FACTS_FILE)
     if not path: return facts
-    path = Path(path)
-    known = json.loads(path.read_text()) if path.exists() else {}
-    with atomic_path(path) as tmp: tmp.write_text(json.dumps({**known, **facts}, default=str))
+    with atomic_path(path) as tmp: tmp.write_text(json.dumps({**read_stage_facts(path), **facts}, default=str))
 
 def read_stage_facts(path: str | Path) -> dict:
     "The facts a stage recorded in `path` ({} when it recorded none)."

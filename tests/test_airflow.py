@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import yaml
 
 from conftest import BIN, ROOT, run, set_params
 from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, serve as serve_fake, track as fake_track
@@ -172,7 +173,6 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
         assert dict(db.execute("select alias, version from registered_model_aliases")) == {"champion": 1, "challenger": 2}
         report = airflow.xcom(run_id, "report")
         assert (report["event"], report["version"], report["champion"], report["alert_failures"]) == ("not_promoted", 2, 1, []), report
-        import yaml
         model_md5 = next(o["md5"] for o in yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]["outs"]
                          if o["path"] == "data/models/recommender.pkl")
         assert (remote / "files/md5" / model_md5[:2] / model_md5[2:]).exists(), "the retrained model was not pushed to the DVC remote"

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import BIN, ROOT, free_port, project_files, run, served_env, set_params, skip_without_browser, start_server
+from conftest import BIN, ROOT, copy_project, free_port, served_env, set_params, skip_without_browser, start_server
 from msr.hub import PROXY, proxy_command
 
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
@@ -70,17 +70,6 @@ def fetch(url: str, headers: dict | None = None) -> tuple[int, str, str]:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
             return r.status, r.url, r.read().decode()
     except urllib.error.HTTPError as e: return e.code, e.url, e.read().decode(errors="replace")
-
-
-def copy_project(dest: Path) -> Path:
-    "A copy of the project's code, notebooks and pipeline in a fresh git repository, with empty data/ and outputs/ (as the `project` fixture)."
-    for f in project_files():
-        if f.startswith(("data/", "outputs/")) or f == "dvc.lock": continue
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, dest / f)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        run(cmd, dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
