@@ -5,8 +5,10 @@
 # %% ../nbs/08_evaluate.ipynb #a53d23b4
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -19,8 +21,10 @@ from .recommend import Recommender
 from .seeds import TrackLookup
 
 # %% auto #0
-__all__ = ['MODELS', 'CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'fit_recommender', 'iter_queries', 'evaluate_model',
-           'summarize', 'recall_curve', 'foreign_queries', 'without_tracks']
+__all__ = ['MODELS', 'CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'PROTOCOLS', 'fit_recommender', 'iter_queries',
+           'evaluate_model', 'summarize', 'recall_curve', 'foreign_queries', 'without_tracks', 'stand_ins',
+           'faithful_world', 'decoy_world', 'as_records', 'cold_lift', 'cold_share', 'served_skew', 'protocol_worlds',
+           'evaluate_protocols']
 
 # %% ../nbs/08_evaluate.ipynb #fe82939e
 MODELS = {MsrRecommender.name: MsrRecommender, **BASELINES}
@@ -113,3 +117,176 @@ def foreign_queries(queries: pd.DataFrame,  # from `msr.transform.make_queries`
 def without_tracks(tracks: pd.DataFrame, playlist_tracks: pd.DataFrame, removed: set) -> tuple[pd.DataFrame, pd.DataFrame]:
     "The catalogue and training rows with the `removed` tracks taken out."
     return tracks[~tracks[TRACK_ID].isin(removed)], playlist_tracks[~playlist_tracks[TRACK_ID].isin(removed)]
+
+# %% ../nbs/08_evaluate.ipynb #3f8a6c50
+PROTOCOLS = ("faithful", "decoys", "leaky")  # the evaluation protocols, headline first
+_BASE62 = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+
+def stand_ins(tracks: pd.DataFrame,  # the catalogue to copy from
+              source: set,  # ids of the tracks that may be copied (those the fit playlists hold)
+              n: int,  # how many stand-ins
+              seed: int = 0,  # seed of the choice and of the fresh ids
+             ) -> pd.DataFrame:
+    "`n` songs no playlist holds: copies of `source` tracks with fresh 22-character track and album ids and a tagged title and album name."
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0: raise ValueError(f"the number of stand-ins must be an integer ≥ 0, got {n!r}")
+    pool = tracks[tracks[TRACK_ID].isin(source)]
+    if n and pool.empty: raise ValueError("no tracks to copy stand-ins from: `source` names none of `tracks`")
+    rng = np.random.default_rng([seed, n])
+    rows = pool.iloc[rng.choice(len(pool), size=n, replace=n > len(pool))].copy() if n else pool.iloc[:0].copy()
+    ids = ["".join(r) for r in _BASE62[rng.integers(62, size=(2 * n, 22))]]
+    tag = pd.Series([" " + i[:6] for i in ids[n:]], index=rows.index, dtype=object)
+    rows[TRACK_ID], rows["track_album_id"] = ids[:n], ids[n:]
+    rows["track_name"] = rows["track_name"].fillna("").astype(str) + tag
+    rows["track_album_name"] = rows["track_album_name"].fillna("").astype(str) + tag
+    return rows.reset_index(drop=True)
+
+# %% ../nbs/08_evaluate.ipynb #3d37108c
+def faithful_world(tracks: pd.DataFrame,  # every track
+                   fit_rows: pd.DataFrame,  # the playlists the models learn from (`msr.transform.fit_playlists`)
+                   queries: pd.DataFrame,  # from `msr.transform.make_queries`
+                   *,
+                   fed: float,  # share of the catalogue that is stand-ins for fed songs (never relevant)
+                   seed: int = 0,  # seed of the stand-ins
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The catalogue (what `fit_rows` hold + stand-ins) and the queries with held-out tracks only in it (queries left with none dropped)."
+    if not 0 <= fed < 1: raise ValueError(f"fed must be a share of the catalogue in [0, 1), got {fed}")
+    held = set(fit_rows[TRACK_ID])
+    base = tracks[tracks[TRACK_ID].isin(held)]
+    n = int(round(len(base) * fed / (1 - fed)))
+    catalogue = pd.concat([base, stand_ins(tracks, held, n, seed)]).sort_values(TRACK_ID).reset_index(drop=True)
+    q = queries[queries["role"].eq("seed") | queries[TRACK_ID].isin(held)]
+    key = ["split", "setting", PLAYLIST_ID]
+    answered = q.loc[q["role"] == "heldout", key].drop_duplicates()
+    return catalogue, q.merge(answered, on=key)[list(queries.columns)].reset_index(drop=True)
+
+def decoy_world(tracks: pd.DataFrame,  # every track
+                fit_rows: pd.DataFrame,  # the playlists the models learn from
+                *,
+                decoys: int,  # stand-ins that sit in no playlist
+                seed: int = 0,  # seed of the stand-ins
+               ) -> pd.DataFrame:
+    "Every track plus `decoys` stand-ins (copies of tracks `fit_rows` hold), so that absence from the fit playlists says little."
+    return pd.concat([tracks, stand_ins(tracks, set(fit_rows[TRACK_ID]), decoys, seed)]).sort_values(TRACK_ID).reset_index(drop=True)
+
+# %% ../nbs/08_evaluate.ipynb #b4caabd1
+def _recorded(seeds: list, by_id: pd.DataFrame, catalogue_ids: set) -> list:
+    "The seeds, those that are ids the catalogue lacks turned into track records."
+    return [s if not isinstance(s, str) or s in catalogue_ids else {TRACK_ID: s, **by_id.loc[s].to_dict()} for s in seeds]
+
+def as_records(queries: pd.DataFrame,  # query rows (`faithful_world`)
+               tracks: pd.DataFrame,  # every track (the seeds' records come from it)
+               catalogue_ids: set,  # the ids of the catalogue the models are fitted on
+               split: str = "test",  # which split's queries
+              ) -> list:
+    "(setting, playlist_id, seeds, held-out) tuples whose seeds the catalogue lacks are track records (name, artist, album, date, audio)."
+    by_id = tracks.set_index(TRACK_ID)[RECORD_COLUMNS + AUDIO_FEATURES]
+    return [(s, pid, _recorded(seeds, by_id, catalogue_ids), h) for s, pid, seeds, h in iter_queries(queries, split)]
+
+# %% ../nbs/08_evaluate.ipynb #0d0be164
+def cold_lift(catalogue: pd.DataFrame,  # the catalogue the models see
+              fit_rows: pd.DataFrame,  # the playlists they learn from
+              queries: list,  # (setting, playlist_id, seeds, held-out) tuples
+             ) -> float:
+    "P(held out | no fit playlist holds it) / P(held out | some fit playlist does), mean over queries; 1: absence says nothing."
+    cold = set(catalogue[TRACK_ID]) - set(fit_rows[TRACK_ID])
+    n_cold, n_warm = len(cold), len(catalogue) - len(cold)
+    if not n_cold or not n_warm or not queries: return float("nan")
+    p_cold = np.mean([len(h & cold) / n_cold for *_, h in queries])
+    p_warm = np.mean([len(h - cold) / n_warm for *_, h in queries])
+    return float(p_cold / p_warm) if p_warm else float("inf")
+
+def cold_share(model,  # anything with recommend(seeds, k)
+               queries: list,  # (setting, playlist_id, seeds, held-out) tuples
+               cold: set,  # the catalogue's track ids no fit playlist holds
+               k: int = 50,  # recommendations looked at per query
+              ) -> float:
+    "Mean share of the first `k` recommendations that are in `cold` (queries the model refuses are skipped)."
+    shares = []
+    for _, _, seeds, _ in queries:
+        try: recs = model.recommend(seeds, k)
+        except ValueError: continue
+        if recs: shares.append(np.mean([t in cold for t in recs]))
+    return float(np.mean(shares)) if shares else float("nan")
+
+# %% ../nbs/08_evaluate.ipynb #6c5a195f
+def served_skew(model,  # a fitted model (anything with recommend(seeds, k))
+                tracks: pd.DataFrame,  # the catalogue it was fitted on
+                fit_rows: pd.DataFrame,  # the playlists it learned from
+                *,
+                n: int = 60,  # fit playlists (of at least 10 tracks) to ask with
+                k: int = 50,  # recommendations looked at per query
+                seed: int = 0,  # which playlists, which half of each
+               ) -> dict:
+    "The cold share of the catalogue and of the answers to fit playlists' queries (ids, records); `ratio`: the larger answer share / the catalogue's."
+    cold = set(tracks[TRACK_ID]) - set(fit_rows[TRACK_ID])
+    sizes = fit_rows.groupby(PLAYLIST_ID).size()
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(np.sort(sizes.index[sizes >= 10]), size=min(n, int((sizes >= 10).sum())), replace=False)
+    by_pl = fit_rows.groupby(PLAYLIST_ID)[TRACK_ID].apply(list)
+    by_id = tracks.set_index(TRACK_ID)[[c for c in RECORD_COLUMNS if c != "track_name"] + AUDIO_FEATURES]
+    ids, records = [], []
+    for pid in chosen:
+        members = np.array(by_pl[pid])[rng.permutation(len(by_pl[pid]))]
+        seeds = members[:len(members) // 2].tolist()
+        ids.append(("ids", pid, seeds, set()))
+        records.append(("records", pid, [{TRACK_ID: f"record-{pid}-{i}", **by_id.loc[s].to_dict()} for i, s in enumerate(seeds)], set()))
+    out = {"catalogue": len(cold) / len(tracks), "playlist_queries": cold_share(model, ids, cold, k),
+           "record_queries": cold_share(model, records, cold, k)}
+    worst = np.nanmax([out["playlist_queries"], out["record_queries"]])
+    out["ratio"] = float(worst / out["catalogue"]) if out["catalogue"] else float("nan")
+    return {key: round(float(v), 4) for key, v in out.items()}
+
+# %% ../nbs/08_evaluate.ipynb #94ee9994
+def protocol_worlds(tracks: pd.DataFrame,  # every track
+                    fit_rows: pd.DataFrame,  # the playlists the models learn from
+                    queries: pd.DataFrame,  # from `msr.transform.make_queries`
+                    split: str = "test",  # which split's queries
+                    *,
+                    protocols=PROTOCOLS,  # which of PROTOCOLS
+                    fed: float = 0.2,  # the faithful world's share of stand-ins for fed songs
+                    decoys: int = 100_000,  # the decoy world's stand-ins
+                    foreign=(),  # real-playlist settings (of FOREIGN_KINDS) built on the faithful world
+                    foreign_base: str = "half",  # the query setting they are built from
+                    seed: int = 0,  # seed of the stand-ins and of the records' fresh ids
+                   ):
+    "Yield (protocol, catalogue, fit rows, list of query-tuple lists) for each protocol."
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad: raise ValueError(f"unknown protocol(s) {bad}; choose from {list(PROTOCOLS)}")
+    for protocol in protocols:
+        if protocol == "faithful":
+            cat, fq = faithful_world(tracks, fit_rows, queries, fed=fed, seed=seed)
+            if not (fq["split"] == split).any():
+                raise ValueError(f"the faithful world has no {split} query left: no held-out track is in a fit playlist")
+            yield protocol, cat, fit_rows, [as_records(fq, tracks, set(cat[TRACK_ID]), split)]
+            by_removed, by_id = {}, tracks.set_index(TRACK_ID)[RECORD_COLUMNS + AUDIO_FEATURES]
+            for kind in foreign:
+                fqs, removed = foreign_queries(fq, tracks, kind, base=foreign_base, split=split, seed=seed)
+                by_removed.setdefault(frozenset(removed), []).append(fqs)
+            for removed, sets in by_removed.items():
+                t_rest, pt_rest = without_tracks(cat, fit_rows, removed)
+                ids = set(t_rest[TRACK_ID])
+                yield protocol, t_rest, pt_rest, [[(s, pid, _recorded(seeds, by_id, ids), h) for s, pid, seeds, h in qs] for qs in sets]
+        else:
+            cat = tracks if protocol == "leaky" else decoy_world(tracks, fit_rows, decoys=decoys, seed=seed)
+            yield protocol, cat, fit_rows, [list(iter_queries(queries, split))]
+
+# %% ../nbs/08_evaluate.ipynb #1c63dc71
+def evaluate_protocols(fit: Callable,  # fit(name, catalogue, fit rows, lookup) -> a fitted model
+                       names: list,  # the models, by name
+                       worlds,  # from `protocol_worlds`
+                       k: int = 500,  # recommendations per query
+                      ) -> tuple[pd.DataFrame, dict]:
+    "Per-query rows of every model in every world (setting 'protocol/setting', column `protocol`), and each protocol's catalogue facts."
+    rows, facts = [], {}
+    for protocol, cat, fit_rows, query_sets in worlds:
+        if protocol not in facts:  # the protocol's own world (the first it yields)
+            facts[protocol] = {"catalogue": len(cat), "cold_share": round(1 - cat[TRACK_ID].isin(fit_rows[TRACK_ID]).mean(), 4),
+                               "cold_lift": round(cold_lift(cat, fit_rows, query_sets[0]), 3), "queries": len(query_sets[0])}
+        lookup = TrackLookup(cat)
+        for name in names:
+            model = fit(name, cat, fit_rows, lookup)
+            for qs in query_sets:
+                rows.append(evaluate_model(model, qs, k=k).assign(model=name, protocol=protocol))
+    per_query = pd.concat(rows, ignore_index=True)
+    per_query["setting"] = per_query["protocol"] + "/" + per_query["setting"]
+    return per_query, facts

@@ -479,13 +479,25 @@ def _stats(self: MsrRecommender, tracks, playlist_tracks):
 # %% ../nbs/11_model.ipynb #9bf202ad
 @patch
 def _ranker_data(self: MsrRecommender, queries: list, st: PlaylistStats) -> tuple[list, list]:
-    "Each useful query's candidate features and labels (held out or not), scored with the statistics `st`."
-    X, y = [], []
+    "Each useful query's candidate features and labels (held out or not), scored with `st`, cold positives thinned to the warm rate."
+    rows = []
     for q, heldout in queries:
         cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc)
-        label = np.isin(cands, heldout)
-        if label.any(): X.append(F); y.append(label)
+        rows.append((F, np.isin(cands, heldout), st.count[cands] == 0))
+    cold_pos, cold_neg = sum((l & c).sum() for _, l, c in rows), sum((~l & c).sum() for _, l, c in rows)
+    warm_pos, warm_neg = sum((l & ~c).sum() for _, l, c in rows), sum((~l & ~c).sum() for _, l, c in rows)
+    cold_rate, warm_rate = cold_pos / max(cold_pos + cold_neg, 1), warm_pos / max(warm_pos + warm_neg, 1)
+    # keep a share s of the cold positives so that s·cold_pos / (s·cold_pos + cold_neg) = warm_rate
+    keep_share = min(1.0, warm_rate * cold_neg / (cold_pos * (1 - warm_rate))) if cold_pos else 1.0
+    rng = np.random.default_rng([self.seed, 1])
+    X, y, dropped = [], [], 0
+    for F, label, cold in rows:
+        keep = ~(label & cold) | (rng.random(len(label)) < keep_share)
+        dropped += int((~keep).sum())
+        if label[keep].any(): X.append(F[keep]); y.append(label[keep])
     if not X: raise ValueError("no training query has a held-out track among its candidates: too few playlists?")
+    self.cold_ = {"cold_rate": round(float(cold_rate), 5), "warm_rate": round(float(warm_rate), 5),
+                  "cold_keep": round(float(keep_share), 4), "cold_positives_left_out": dropped}
     return X, y
 
 # %% ../nbs/11_model.ipynb #0240d104
@@ -512,6 +524,7 @@ def _fit(self: MsrRecommender, tracks, playlist_tracks):
     queries, rest = self._training_queries(playlist_tracks)
     X, y = self._ranker_data(queries, self._stats(tracks, rest))
     self._fit_ranker(X, y)
+    self.training_.update(self.cold_)
     self.stats_ = self._stats(tracks, playlist_tracks)
 
 # %% ../nbs/11_model.ipynb #ab7df083
