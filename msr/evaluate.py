@@ -24,7 +24,7 @@ from .seeds import TrackLookup
 __all__ = ['MODELS', 'CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'PROTOCOLS', 'fit_recommender', 'iter_queries',
            'evaluate_model', 'summarize', 'recall_curve', 'foreign_queries', 'without_tracks', 'stand_ins',
            'faithful_world', 'decoy_world', 'as_records', 'cold_lift', 'cold_share', 'served_skew', 'protocol_worlds',
-           'evaluate_protocols']
+           'evaluate_protocols', 'grid_search']
 
 # %% ../nbs/08_evaluate.ipynb #fe82939e
 MODELS = {MsrRecommender.name: MsrRecommender, **BASELINES}
@@ -244,7 +244,7 @@ def protocol_worlds(tracks: pd.DataFrame,  # every track
                     *,
                     protocols=PROTOCOLS,  # which of PROTOCOLS
                     fed: float = 0.2,  # the faithful world's share of stand-ins for fed songs
-                    decoys: int = 100_000,  # the decoy world's stand-ins
+                    decoys: float = 3.5,  # the decoy world's stand-ins, per catalogue track
                     foreign=(),  # real-playlist settings (of FOREIGN_KINDS) built on the faithful world
                     foreign_base: str = "half",  # the query setting they are built from
                     seed: int = 0,  # seed of the stand-ins and of the records' fresh ids
@@ -267,7 +267,7 @@ def protocol_worlds(tracks: pd.DataFrame,  # every track
                 ids = set(t_rest[TRACK_ID])
                 yield protocol, t_rest, pt_rest, [[(s, pid, _recorded(seeds, by_id, ids), h) for s, pid, seeds, h in qs] for qs in sets]
         else:
-            cat = tracks if protocol == "leaky" else decoy_world(tracks, fit_rows, decoys=decoys, seed=seed)
+            cat = tracks if protocol == "leaky" else decoy_world(tracks, fit_rows, decoys=int(round(decoys * len(tracks))), seed=seed)
             yield protocol, cat, fit_rows, [list(iter_queries(queries, split))]
 
 # %% ../nbs/08_evaluate.ipynb #1c63dc71
@@ -290,3 +290,24 @@ def evaluate_protocols(fit: Callable,  # fit(name, catalogue, fit rows, lookup) 
     per_query = pd.concat(rows, ignore_index=True)
     per_query["setting"] = per_query["protocol"] + "/" + per_query["setting"]
     return per_query, facts
+
+# %% ../nbs/08_evaluate.ipynb #cef72958
+def grid_search(name: str,  # a key of MODELS
+                grid: dict,  # argument → the values to try
+                worlds: list,  # from `protocol_worlds` on the validation split (a list: it is used once per combination)
+                base: dict | None = None,  # the model's other arguments
+                metric: str = "ndcg_at_50",  # the metric whose mean (over every query setting) decides
+                k: int = 500,  # recommendations per query
+               ) -> tuple[dict, pd.DataFrame]:
+    "The best arguments (`base` updated with the best combination) and a table: one row per combination, the mean `metric` per setting and overall."
+    if metric not in METRICS: raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if not grid: raise ValueError("an empty grid: give each argument to tune a list of values")
+    keys, rows = list(grid), []
+    for values in itertools.product(*(grid[k_] for k_ in keys)):
+        args = {**(base or {}), **dict(zip(keys, values))}
+        per_query, _ = evaluate_protocols(lambda n, c, r, lk: fit_recommender(n, c, r, args, lk), [name], worlds, k=k)
+        by_setting = per_query.groupby("setting")[metric].mean()
+        rows.append({**dict(zip(keys, values)), **by_setting.to_dict(), "mean": float(by_setting.mean())})
+    table = pd.DataFrame(rows).sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
+    best = {k_: (v.item() if hasattr(v, "item") else v) for k_, v in table.iloc[0][keys].items()}
+    return {**(base or {}), **best}, table
