@@ -20,12 +20,12 @@ from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
 from .recommend import Recommender
-from .seeds import Seeds
+from .seeds import Seeds, TrackLookup
 from .transform import track_genre_labels
 
 # %% auto #0
 __all__ = ['SIMILARITIES', 'BASELINES', 'RandomRecommender', 'PopularityRecommender', 'ContentRecommender', 'OriginalRecommender',
-           'KnnRecommender']
+           'KnnRecommender', 'item_similarity', 'real_albums', 'seed_weights', 'neighbour_scores']
 
 # %% ../nbs/06a_baselines.ipynb #c7bb6a1c
 def _query_seed(q: Seeds) -> int:
@@ -156,13 +156,13 @@ def _token_rows(tracks: pd.DataFrame, column: str, codes: np.ndarray, weight: fl
     j = np.flatnonzero(tracks[column].notna().to_numpy() & (tracks[column].astype(str).str.strip() != "").to_numpy())
     return codes[j], j, np.full(len(j), weight)
 
-def _user_items(model: Recommender, tracks: pd.DataFrame, playlist_tracks: pd.DataFrame,
+def _user_items(index: dict, lookup: TrackLookup, tracks: pd.DataFrame, playlist_tracks: pd.DataFrame,
                artist_weight: float, album_weight: float) -> sp.csr_matrix:
     "implicit's user × item matrix: a row per training playlist (1 per track), then one per artist and one per album."
-    playlists, items = pd.factorize(playlist_tracks[PLAYLIST_ID])[0], playlist_tracks[TRACK_ID].map(model.index_).to_numpy()
+    playlists, items = pd.factorize(playlist_tracks[PLAYLIST_ID])[0], playlist_tracks[TRACK_ID].map(index).to_numpy()
     rows, cols, vals = [playlists], [items], [np.ones(len(items))]
     top = playlists.max() + 1 if len(playlists) else 0
-    for column, codes, w in [("track_artist", model.lookup_.artist, artist_weight), ("track_album_id", model.lookup_.album, album_weight)]:
+    for column, codes, w in [("track_artist", lookup.artist, artist_weight), ("track_album_id", lookup.album, album_weight)]:
         r, j, v = _token_rows(tracks, column, codes, w)
         rows.append(top + r); cols.append(j); vals.append(v)
         top += codes.max() + 1 if len(r) else 0
@@ -170,52 +170,79 @@ def _user_items(model: Recommender, tracks: pd.DataFrame, playlist_tracks: pd.Da
     return sp.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))), shape=(top, len(tracks)))
 
 # %% ../nbs/06a_baselines.ipynb #9be9f1e7
-@patch
-def _fit(self: KnnRecommender, tracks, playlist_tracks):
-    X = _user_items(self, tracks, playlist_tracks.drop_duplicates([PLAYLIST_ID, TRACK_ID]), self.artist_weight, self.album_weight)
-    knn = SIMILARITIES[self.similarity](K=self.neighbours, num_threads=1)
+def item_similarity(tracks: pd.DataFrame,  # the catalogue
+                    playlist_tracks: pd.DataFrame,  # the playlists to learn from
+                    index: dict,  # track_id → catalogue index
+                    lookup: TrackLookup,  # the catalogue's artist and album codes
+                    *, neighbours: int, artist_weight: float, album_weight: float, similarity: str,  # as `KnnRecommender`'s
+                   ) -> sp.csr_matrix:
+    "implicit's item × item similarity (float32 CSR, explicit zeros dropped) over the playlists and artist/album token rows."
+    X = _user_items(index, lookup, tracks, playlist_tracks.drop_duplicates([PLAYLIST_ID, TRACK_ID]), artist_weight, album_weight)
+    knn = SIMILARITIES[similarity](K=neighbours, num_threads=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ParameterWarning)  # implicit's own weighting hands its kNN a COO matrix and says so
         knn.fit(X, show_progress=False)
     S = knn.similarity.astype(np.float32).tocsr()
     S.eliminate_zeros()  # rows with fewer than K neighbours come padded with zeros
-    self.similarity_ = S
+    return S
+
+def real_albums(tracks: pd.DataFrame, lookup: TrackLookup) -> np.ndarray:
+    "album code → whether it is a real album (tracks without an album id share a code that is none)."
+    albums = _token_rows(tracks, "track_album_id", lookup.album, 1.0)[0]
+    return np.bincount(albums, minlength=lookup.album.max() + 1) > 0
+
+@patch
+def _fit(self: KnnRecommender, tracks, playlist_tracks):
+    self.similarity_ = item_similarity(tracks, playlist_tracks, self.index_, self.lookup_, neighbours=self.neighbours,
+                                       artist_weight=self.artist_weight, album_weight=self.album_weight, similarity=self.similarity)
     self.order_ = _popularity_order(self, tracks, playlist_tracks)
     self.pop_rank_ = np.empty(len(self.order_), np.int64)
     self.pop_rank_[self.order_] = np.arange(len(self.order_))
-    albums = _token_rows(tracks, "track_album_id", self.lookup_.album, 1.0)[0]  # tracks without an album id share a code that is no album
-    self.albums_ = np.bincount(albums, minlength=self.lookup_.album.max() + 1) > 0  # album code -> a real album
+    self.albums_ = real_albums(tracks, self.lookup_)
 
 # %% ../nbs/06a_baselines.ipynb #55c03541
-def _seed_row(model: KnnRecommender, q: Seeds) -> np.ndarray:
+def seed_weights(lookup: TrackLookup,  # the catalogue's lookup
+                 albums: np.ndarray,  # `real_albums`
+                 q: Seeds,  # the query
+                ) -> np.ndarray:
     "The query's weight on every catalogue track: 1 per known seed, 1 per foreign seed spread over its album's tracks (else its artist's)."
-    lookup = model.lookup_
     w = np.zeros(len(lookup.album))
     w[q.known] = 1
-    by_album = (q.album >= 0) & model.albums_[np.maximum(q.album, 0)]
+    by_album = (q.album >= 0) & albums[np.maximum(q.album, 0)]
     by_artist = ~by_album & (q.artist >= 0)
     for codes, of_track in [(q.album[by_album], lookup.album), (q.artist[by_artist], lookup.artist)]:
         if not len(codes): continue
         seeds = np.bincount(codes, minlength=of_track.max() + 1)  # foreign seeds per album (artist)
         w += seeds[of_track] / np.bincount(of_track)[of_track]
+    return w
+
+def _seed_row(model: KnnRecommender, q: Seeds) -> np.ndarray:
+    "`seed_weights`, or ValueError when no seed gives any."
+    w = seed_weights(model.lookup_, model.albums_, q)
     if not w.any():
         raise ValueError(f"{model.name} reads playlists, artists and albums: no seed is a catalogue track and the "
                          f"{q.n_foreign} foreign seeds have no artist or album in the catalogue")
     return w
 
+def neighbour_scores(S: sp.csr_matrix,  # `item_similarity`
+                     w: np.ndarray,  # `seed_weights`
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    "The tracks the weighted seeds reach through `S` (sorted catalogue indices) and their summed similarity (> 0)."
+    j = np.flatnonzero(w)
+    scores = sp.csr_matrix((w[j], (np.zeros(len(j), np.int64), j)), shape=(1, len(w))) @ S
+    scores.sum_duplicates()
+    keep = scores.data > 0
+    return scores.indices[keep].astype(np.int64), scores.data[keep]
+
 @patch
 def _rank(self: KnnRecommender, q, n):
-    w = _seed_row(self, q)
-    j = np.flatnonzero(w)
-    scores = sp.csr_matrix((w[j], (np.zeros(len(j), np.int64), j)), shape=(1, len(w))) @ self.similarity_
-    cand, s = scores.indices, scores.data
-    cand, s = cand[s > 0], s[s > 0]
+    cand, s = neighbour_scores(self.similarity_, _seed_row(self, q))
     if len(s) > n:  # keep the n best, and every track tied with the n-th
         keep = s >= np.partition(s, len(s) - n)[len(s) - n]
         cand, s = cand[keep], s[keep]
     ranked = cand[np.lexsort((self.pop_rank_[cand], -s))][:n]
     if len(ranked) == n: return ranked
-    taken = np.zeros(len(w), bool)
+    taken = np.zeros(len(self.lookup_.album), bool)
     taken[ranked] = True
     return np.concatenate([ranked, self.order_[~taken[self.order_]][:n - len(ranked)]])
 

@@ -24,7 +24,7 @@ from .seeds import TrackLookup
 __all__ = ['MODELS', 'CURVE_KS', 'FOREIGN_KINDS', 'RECORD_COLUMNS', 'PROTOCOLS', 'fit_recommender', 'iter_queries',
            'evaluate_model', 'summarize', 'recall_curve', 'foreign_queries', 'without_tracks', 'stand_ins',
            'faithful_world', 'decoy_world', 'as_records', 'cold_lift', 'cold_share', 'served_skew', 'protocol_worlds',
-           'evaluate_protocols', 'grid_search']
+           'evaluate_protocols', 'grid_search', 'model_arguments', 'tune_peers']
 
 # %% ../nbs/08_evaluate.ipynb #fe82939e
 MODELS = {MsrRecommender.name: MsrRecommender, **BASELINES}
@@ -311,3 +311,30 @@ def grid_search(name: str,  # a key of MODELS
     table = pd.DataFrame(rows).sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
     best = {k_: (v.item() if hasattr(v, "item") else v) for k_, v in table.iloc[0][keys].items()}
     return {**(base or {}), **best}, table
+
+# %% ../nbs/08_evaluate.ipynb #c35ebd1d
+def model_arguments(params: dict,  # params.yaml's sections: train, genre, clusters and evaluate
+                   ) -> dict:
+    "Each model's arguments: msr's train section, the original method's genre and clusters sections, the peer's evaluate.knn."
+    from msr.clusters import mixture_args
+    ev = params["evaluate"]
+    return {"msr": params["train"], "original": {"genre": params["genre"], "clusters": mixture_args(params["clusters"])},
+            "random": {"seed": ev["random_seed"]}, "knn": ev.get("knn", {})}
+
+def tune_peers(tracks: pd.DataFrame,  # every track
+               valid_rows: pd.DataFrame,  # the playlists a model scored on valid queries learns from (`fit_playlists(..., "valid")`)
+               queries: pd.DataFrame,  # from `msr.transform.make_queries` (only the valid ones are used)
+               params: dict,  # as for `model_arguments`
+               args: dict,  # `model_arguments(params)`: the tuned models' entries are replaced
+              ) -> tuple[dict, dict]:
+    "Grid-search each model of evaluate.tune (that is evaluated) on the validation split's faithful world: {name: best grid values}, {name: table}."
+    ev = params["evaluate"]
+    todo = {name: grid for name, grid in (ev.get("tune") or {}).items() if name in ev["models"]}
+    if not todo: return {}, {}
+    worlds = list(protocol_worlds(tracks, valid_rows, queries, "valid", protocols=["faithful"], fed=ev["fed"],
+                                  decoys=ev["decoys"], seed=ev["world_seed"]))
+    tuned, tried = {}, {}
+    for name, grid in todo.items():
+        args[name], tried[name] = grid_search(name, grid, worlds, base=args.get(name), metric=ev["tune_metric"], k=ev["k"])
+        tuned[name] = {key: args[name][key] for key in grid}
+    return tuned, tried

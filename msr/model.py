@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from fastcore.basics import patch
 from sklearn.preprocessing import StandardScaler
 
+from .baselines import item_similarity, neighbour_scores, real_albums, seed_weights
 from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
@@ -113,6 +114,7 @@ class PlaylistStats:
                  genre: dict,  # `fit_genre_classifier` arguments
                  clusters: dict,  # `fit_genre_mixtures` arguments
                  n_popular: int,  # most played tracks kept per genre
+                 neighbours: dict | None = None,  # `msr.baselines.item_similarity` arguments (None: no item neighbours)
                 ):
         pl_codes, _ = pd.factorize(playlist_tracks[PLAYLIST_ID])
         cols = ids.get_indexer(playlist_tracks[TRACK_ID])
@@ -123,6 +125,7 @@ class PlaylistStats:
         self._fit_mixtures(cat, tracks, labels, clusters)
         self._rank_popular(cat, n_popular)
         self._index_artists(cat, pl_codes, cols)
+        self._fit_neighbours(cat, ids, tracks, playlist_tracks, neighbours)
 
 # %% ../nbs/11_model.ipynb #7634e450
 @patch
@@ -180,11 +183,22 @@ def _index_artists(self: PlaylistStats, cat: Catalogue, pl_codes: np.ndarray, co
     self.artist_label = np.where(by_genre.sum(1) > 0, by_genre.argmax(1), -1)
     self.default_genre = int(np.bincount(self.label[self.label >= 0], minlength=len(self.genres)).argmax())
 
+# %% ../nbs/11_model.ipynb #9aa80f1b
+@patch
+def _fit_neighbours(self: PlaylistStats, cat: Catalogue, ids: pd.Index, tracks: pd.DataFrame, playlist_tracks: pd.DataFrame,
+                    neighbours: dict | None):
+    "The item × item similarity `S` (None without `neighbours`) and which album codes are real albums."
+    self.albums = real_albums(tracks, cat.lookup)
+    self.S = None
+    if neighbours:
+        index = {t: i for i, t in enumerate(ids)}
+        self.S = item_similarity(tracks, playlist_tracks, index, cat.lookup, **neighbours)
+
 # %% ../nbs/11_model.ipynb #5d70e86b
 FEATURES = (["n_seeds", "same_artist", "same_album", "cooc", "cooc_playlists", "count", "artist_size",
              "popularity", "popularity_gap", "year", "year_gap", "dist_centroid",
              "genre_match", "genre_seed_share", "same_component", "knn",
-             "foreign_share", "audio_share", "artist_cooc", "artist_cooc_playlists"]
+             "foreign_share", "audio_share", "artist_cooc", "artist_cooc_playlists", "item_knn"]
             + [f"gap_{f}" for f in SIMILARITY])  # the ranker's inputs, in column order
 _COL = {name: i for i, name in enumerate(FEATURES)}
 _GAPS = _COL[f"gap_{SIMILARITY[0]}"]
@@ -311,8 +325,15 @@ def _most(co: tuple, n: int) -> np.ndarray:
     "The `n` tracks with the highest co-occurrence score (ties in track order)."
     return co[0][np.argsort(-co[1], kind="stable")[:n]]
 
-def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int):
-    "Candidates for the seeds `q`, their features (rows in FEATURES order) and the seeds' genre."
+def _neighbours(st: PlaylistStats, cat: Catalogue, q: Seeds) -> tuple[np.ndarray, np.ndarray]:
+    "Tracks the seeds reach through the item similarity and their score per seed weight (empty without one)."
+    if st.S is None: return np.empty(0, np.int64), np.empty(0, np.float32)
+    w = seed_weights(cat.lookup, st.albums, q)
+    u, s = neighbour_scores(st.S, w)
+    return u, (s / max(w.sum(), 1.0)).astype(np.float32)
+
+def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int, n_knn: int = 0):
+    "Candidates for the seeds `q`, their features (rows in FEATURES order) and the seeds' genre; `n_knn` item neighbours among them."
     K, fa = q.known, q.artist
     artists = np.concatenate([cat.artist[K], fa[fa >= 0]])
     albums = np.concatenate([cat.album[K], q.album[q.album >= 0]])
@@ -322,13 +343,15 @@ def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: in
     centroid = S.mean(0) if len(S) else None
     knn = _nearest(cat, centroid, n_audio) if centroid is not None else np.empty(0, np.int64)
     g, share = _seed_genre(st, q, profile)
+    nb = _neighbours(st, cat, q)
     # generators: the seeds' artists and albums, (artist) co-occurrence, audio neighbours, the genre's most played
     parts = [cat.by_artist.lookup(np.unique(artists)), cat.by_album.lookup(np.unique(albums)),
-             _most(co, n_cooc), _most(ac, n_cooc), knn, st.popular[g]]
+             _most(co, n_cooc), _most(ac, n_cooc), knn, st.popular[g], _most(nb, n_knn)]
     cands = np.unique(np.concatenate(parts))
     cands = cands[~_contains(np.sort(q.exclude), cands)]
     cols = {**_shared_features(cat, q, cands, artists, albums, co, ac), **_track_features(cat, st, q, cands),
-            **_audio_features(cat, cands, centroid, knn), **_genre_features(st, cands, g, share, profile)}
+            **_audio_features(cat, cands, centroid, knn), **_genre_features(st, cands, g, share, profile),
+            "item_knn": _lookup_scores(nb[0], nb[1], cands)}
     F = np.empty((len(cands), len(FEATURES)), np.float32)
     for name, values in cols.items(): F[:, _COL[name]] = values
     return cands, F, g
@@ -413,6 +436,8 @@ class MsrRecommender(Recommender):
                  n_audio: int,  # audio nearest neighbours per query
                  n_cooc: int,  # co-occurring tracks per query (and per query's foreign artists)
                  n_popular: int,  # most played tracks of the seeds' genre
+                 n_knn: int,  # item neighbours per query (the library peer's similarity, learned inside msr)
+                 neighbours: dict,  # `msr.baselines.item_similarity` arguments: neighbours, artist_weight, album_weight, similarity
                  n_rank: int,  # candidates kept by the linear first stage for LambdaRank
                  exact_knn_limit: int,  # above this many tracks, audio neighbours come from the IVF index
                  ltr_fraction: float,  # training playlists used as ranker queries (the rest give their statistics)
@@ -425,6 +450,7 @@ class MsrRecommender(Recommender):
                  seed: int,  # seed of the ranker's queries and of LightGBM
                 ):
         self.n_audio, self.n_cooc, self.n_popular, self.n_rank = n_audio, n_cooc, n_popular, n_rank
+        self.n_knn, self.neighbours = n_knn, dict(neighbours)
         self.exact_knn_limit = exact_knn_limit
         self.ltr_fraction, self.ltr_max_playlists = ltr_fraction, ltr_max_playlists
         self.ltr_settings, self.seed = tuple(ltr_settings), seed
@@ -474,7 +500,8 @@ def _training_queries(self: MsrRecommender, playlist_tracks: pd.DataFrame):
 # %% ../nbs/11_model.ipynb #1d356620
 @patch
 def _stats(self: MsrRecommender, tracks, playlist_tracks):
-    return PlaylistStats(self.catalogue_, self.catalogue_.ids, tracks, playlist_tracks, self.genre, self.clusters, self.n_popular)
+    return PlaylistStats(self.catalogue_, self.catalogue_.ids, tracks, playlist_tracks, self.genre, self.clusters, self.n_popular,
+                        self.neighbours)
 
 # %% ../nbs/11_model.ipynb #9bf202ad
 @patch
@@ -482,7 +509,7 @@ def _ranker_data(self: MsrRecommender, queries: list, st: PlaylistStats) -> tupl
     "Each useful query's candidate features and labels (held out or not), scored with `st`, cold positives thinned to the warm rate."
     rows = []
     for q, heldout in queries:
-        cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc)
+        cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc, self.n_knn)
         rows.append((F, np.isin(cands, heldout), st.count[cands] == 0))
     cold_pos, cold_neg = sum((l & c).sum() for _, l, c in rows), sum((~l & c).sum() for _, l, c in rows)
     warm_pos, warm_neg = sum((l & ~c).sum() for _, l, c in rows), sum((~l & ~c).sum() for _, l, c in rows)
@@ -531,7 +558,7 @@ def _fit(self: MsrRecommender, tracks, playlist_tracks):
 @patch
 def _scored(self: MsrRecommender, q: Seeds):
     "Candidates best first, with their features and ranker scores, and the seeds' genre."
-    cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc)
+    cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc, self.n_knn)
     keep = _top(self.prefilter_(F), self.n_rank)
     cands, F = cands[keep], F[keep]
     scores = self.model_.booster_.predict(F)

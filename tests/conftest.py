@@ -154,7 +154,7 @@ def served_project(songs, tmp_path_factory) -> Path:
     MsrRecommender(**load_params(ROOT / "params.yaml", "train")).fit(
         tracks, playlist_tracks[playlist_tracks["playlist_id"] != biggest]).save(root / "data/models/recommender.pkl")
     (root / "outputs/metrics").mkdir(parents=True)
-    (root / "outputs/metrics/recommend.json").write_text('{"msr": {"half": {"r_precision": 0.25}}}')
+    (root / "outputs/metrics/recommend.json").write_text('{"msr": {"faithful/half": {"r_precision": 0.25}}}')
     run([str(BIN / "python"), "-c", "from msr.core import load_params; from msr.registry import register; register(**load_params(section='register'), split='test')"], root,
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "MSR_MONITOR_DB": "off"})
     return root

@@ -407,7 +407,7 @@ def test_a_new_champion_is_served_without_a_restart(served_project, tmp_path):
         url = f"http://127.0.0.1:{port}"
         assert call(url, "GET", "/health")[2]["model_version"] == "msr-recommender v1"
         (root / "outputs/metrics").mkdir(parents=True)
-        (root / "outputs/metrics/recommend.json").write_text('{"msr": {"half": {"r_precision": 0.5}}}')  # beats v1's 0.25
+        (root / "outputs/metrics/recommend.json").write_text('{"msr": {"faithful/half": {"r_precision": 0.5}}}')  # beats v1's 0.25
         subprocess.run([str(BIN / "python"), "-c", "from msr.core import load_params; from msr.registry import register; "
                         "print(register(**load_params(section='register'), split='test')['promoted'])"],
                        cwd=root, env={**env, "MSR_MONITOR_DB": "off"}, check=True, capture_output=True, text=True)

@@ -70,18 +70,28 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     clusters = json.loads((project / "outputs/metrics/clusters.json").read_text())
     assert set(clusters["genres"]) <= {"edm", "latin", "pop", "r&b", "rap", "rock"}
     table = json.loads((project / "outputs/metrics/recommend.json").read_text())
-    assert set(table) == {"msr", "original", "popularity", "content", "random"}
+    assert set(table) == {"msr", "knn", "original", "popularity", "content", "random"}
+    settings = {f"{p}/{s}" for p in ("faithful", "decoys", "leaky") for s in ("half", "quarter", "five")}
+    settings |= {f"faithful/{kind}" for kind in ("foreign", "foreign_nofeat", "mixed")}
     for model in table.values():
-        assert set(model) == {"half", "quarter", "five", "foreign", "foreign_nofeat", "mixed"}
+        assert set(model) == settings
         for row in model.values():
             assert 0 <= row["r_precision"] <= 1 and 0 <= row["ndcg_at_50"] <= 1 and 0 <= row["clicks"] <= 51
-        assert model["foreign"]["queries"] == model["half"]["queries"] == model["mixed"]["queries"]
-    # msr's model beats the original method and random, even learning from a few dozen playlists, and so it does when
-    # the seeds are songs its catalogue has never seen (records; their tracks taken out of catalogue and training data)
-    for setting in ("half", "foreign", "foreign_nofeat", "mixed"):
+        assert model["faithful/foreign"]["queries"] == model["faithful/half"]["queries"] == model["faithful/mixed"]["queries"]
+        assert model["leaky/half"]["queries"] == model["decoys/half"]["queries"] >= model["faithful/half"]["queries"] > 0
+    # msr's model beats the original method and random on every protocol, even learning from a few dozen playlists, and
+    # so it does when the seeds are songs its catalogue has never seen (records; their tracks out of catalogue and training)
+    for setting in ("faithful/half", "faithful/foreign", "faithful/foreign_nofeat", "faithful/mixed", "decoys/half", "leaky/half"):
         floor = max(table["original"][setting]["r_precision"], table["random"][setting]["r_precision"], 0.005)
-        assert table["msr"][setting]["r_precision"] > 5 * floor, (setting, table["msr"][setting], floor)
+        assert table["msr"][setting]["r_precision"] > 3 * floor, (setting, table["msr"][setting], floor)
         assert table["msr"][setting]["refused"] == 0
+    # the protocols say what they are: absence from the training playlists marks the answer only on the leaky one;
+    # the served model's skew is measured for every model, and the peer was tuned on validation
+    protocol = json.loads((project / "outputs/metrics/protocol.json").read_text())
+    lift = {p: f["cold_lift"] for p, f in protocol["protocols"].items()}
+    assert lift["faithful"] == 0 and lift["leaky"] > 3 * lift["decoys"], lift
+    assert set(protocol["skew"]) == set(table) and all(0 <= s["ratio"] for s in protocol["skew"].values())
+    assert set(protocol["tuned"]["knn"]) == {"similarity", "neighbours", "artist_weight", "album_weight"}
     assert json.loads((project / "outputs/metrics/train.json").read_text())["queries"] > 0
     for f in ["outputs/plots/evaluate.png", "outputs/plots/train_importance.png", "data/models/recommender.pkl", "outputs/plots/genre_confusion.png", "outputs/plots/clusters.png",
               "outputs/plots/recall/original.csv", "outputs/plots/genre_confusion.csv"]:
@@ -97,7 +107,7 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
                for s in STAGES}
     assert len(parents) == 1
     assert db.execute("select count(*) from params where run_uuid=? and key='genre.n_estimators'", (runs["evaluate"],)).fetchone()[0] == 1
-    assert db.execute("select count(*) from metrics where run_uuid=? and key='original/half/r_precision'", (runs["evaluate"],)).fetchone()[0] == 1
+    assert db.execute("select count(*) from metrics where run_uuid=? and key='original/faithful/half/r_precision'", (runs["evaluate"],)).fetchone()[0] == 1
     commit = db.execute("select value from tags where run_uuid=? and key='mlflow.source.git.commit'", (runs["ingest"],)).fetchone()[0]
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
     assert list((project / "mlartifacts").glob(f"*/{runs['evaluate']}/artifacts/report/evaluate.ipynb")) or \

@@ -55,7 +55,7 @@ def test_pipeline_tracks_and_registers_on_the_team_server(pipeline, team_server,
     stages = {r.data.tags.get("msr.stage"): r for r in runs if r.data.tags.get("msr.kind") == "stage"}
     assert set(STAGES) <= set(stages)
     assert len({stages[s].data.tags["mlflow.parentRunId"] for s in STAGES}) == 1  # one pipeline run
-    assert stages["evaluate"].data.params["genre.n_estimators"] and "original/half/r_precision" in stages["evaluate"].data.metrics
+    assert stages["evaluate"].data.params["genre.n_estimators"] and "original/faithful/half/r_precision" in stages["evaluate"].data.metrics
 
     # the registry: version 1 of msr-recommender, champion, registered by the promoter
     champion = admin.get_model_version_by_alias("msr-recommender", "champion")
