@@ -157,7 +157,7 @@ hub: setup $(HUB_PROXY)
 bench: setup
 	$(BIN)/python benchmarks/pipeline.py --runs 5
 	$(BIN)/python benchmarks/recommend.py --fits 3 --queries 1000
-	$(BIN)/python benchmarks/split_seeds.py --seeds 42 1 2 3 4
+	$(BIN)/python benchmarks/split_seeds.py --seeds 42 1 2
 	$(BIN)/python benchmarks/scale.py --tracks 30000 100000 300000 1000000
 	$(BIN)/python benchmarks/monitor.py --gb 1 --full-gb 0.1 --runs 5
 	$(BIN)/python benchmarks/dashboard.py --runs 5
