@@ -261,6 +261,8 @@ def protocol_worlds(tracks: pd.DataFrame,  # every track
             by_removed, by_id = {}, tracks.set_index(TRACK_ID)[RECORD_COLUMNS + AUDIO_FEATURES]
             for kind in foreign:
                 fqs, removed = foreign_queries(fq, tracks, kind, base=foreign_base, split=split, seed=seed)
+                if not fqs: raise ValueError(f"the faithful world has no {split} {foreign_base!r} query to build the {kind!r} "
+                                             "setting from: too few of those playlists' tracks are in a training playlist")
                 by_removed.setdefault(frozenset(removed), []).append(fqs)
             for removed, sets in by_removed.items():
                 t_rest, pt_rest = without_tracks(cat, fit_rows, removed)
