@@ -442,6 +442,7 @@ class MsrRecommender(Recommender):
                  exact_knn_limit: int,  # above this many tracks, audio neighbours come from the IVF index
                  ltr_fraction: float,  # training playlists used as ranker queries (the rest give their statistics)
                  ltr_max_playlists: int,  # at most this many ranker playlists (bounds fit time on big catalogues)
+                 ltr_folds: int,  # the ranker playlists in folds: a fold's queries are scored with every other playlist's statistics
                  ltr_settings: list,  # seed fraction (<1) or count of the ranker's queries
                  ltr_foreign: list,  # each ranker query gets a twin with simulated foreign seeds, in these modes (of FOREIGN_MODES)
                  ranker: dict,  # LGBMRanker arguments
@@ -453,6 +454,8 @@ class MsrRecommender(Recommender):
         self.n_knn, self.neighbours = n_knn, dict(neighbours)
         self.exact_knn_limit = exact_knn_limit
         self.ltr_fraction, self.ltr_max_playlists = ltr_fraction, ltr_max_playlists
+        if not (isinstance(ltr_folds, int) and ltr_folds >= 1): raise ValueError(f"ltr_folds: a whole number >= 1, not {ltr_folds!r}")
+        self.ltr_folds = ltr_folds
         self.ltr_settings, self.seed = tuple(ltr_settings), seed
         bad = set(ltr_foreign) - set(FOREIGN_MODES)
         if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
@@ -483,8 +486,8 @@ def _queries_of(self: MsrRecommender, members: np.ndarray, rng: np.random.Genera
 
 # %% ../nbs/11_model.ipynb #f4d6941d
 @patch
-def _training_queries(self: MsrRecommender, playlist_tracks: pd.DataFrame):
-    "Split the playlists: ranker queries (Seeds, held-out) and the playlists that give their statistics."
+def _training_folds(self: MsrRecommender, playlist_tracks: pd.DataFrame) -> list:
+    "The ranker's folds: each fold's queries (Seeds, held-out) and the playlists outside it, which give their statistics."
     rng = np.random.default_rng(self.seed)
     pl, _ = pd.factorize(playlist_tracks[PLAYLIST_ID], sort=True)
     tr = self.catalogue_.ids.get_indexer(playlist_tracks[TRACK_ID])
@@ -493,9 +496,17 @@ def _training_queries(self: MsrRecommender, playlist_tracks: pd.DataFrame):
     eligible = np.flatnonzero(np.diff(starts) >= 10)
     n = min(int(len(eligible) * self.ltr_fraction), self.ltr_max_playlists)
     chosen = np.sort(rng.choice(eligible, size=n, replace=False))
-    queries = []
-    for p in chosen: queries += self._queries_of(tr[order[starts[p]:starts[p + 1]]], rng)
-    return queries, playlist_tracks[~np.isin(pl, chosen)]
+    folds = [chosen] if self.ltr_folds == 1 else [np.sort(f) for f in np.array_split(rng.permutation(chosen), self.ltr_folds)]
+    out = []
+    for fold in folds:
+        if not len(fold): continue  # more folds than playlists
+        queries = []
+        for p in fold: queries += self._queries_of(tr[order[starts[p]:starts[p + 1]]], rng)
+        rest = playlist_tracks[~np.isin(pl, fold)]
+        if rest.empty: raise ValueError(f"every playlist gives ranker queries (ltr_fraction {self.ltr_fraction}) and there is one "
+                                        "fold: no playlist is left for the statistics; use ltr_folds >= 2 or a smaller ltr_fraction")
+        out.append((queries, rest))
+    return out
 
 # %% ../nbs/11_model.ipynb #1d356620
 @patch
@@ -505,12 +516,15 @@ def _stats(self: MsrRecommender, tracks, playlist_tracks):
 
 # %% ../nbs/11_model.ipynb #9bf202ad
 @patch
-def _ranker_data(self: MsrRecommender, queries: list, st: PlaylistStats) -> tuple[list, list]:
-    "Each useful query's candidate features and labels (held out or not), scored with `st`, cold positives thinned to the warm rate."
+def _ranker_data(self: MsrRecommender,
+                 folds,  # (queries, PlaylistStats) pairs, an iterable: one fold's statistics at a time need be in memory
+                ) -> tuple[list, list]:
+    "Each useful query's candidate features and labels (held out or not), scored with its fold's statistics, cold positives thinned to the warm rate."
     rows = []
-    for q, heldout in queries:
-        cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc, self.n_knn)
-        rows.append((F, np.isin(cands, heldout), st.count[cands] == 0))
+    for queries, st in folds:
+        for q, heldout in queries:
+            cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc, self.n_knn)
+            rows.append((F, np.isin(cands, heldout), st.count[cands] == 0))
     cold_pos, cold_neg = sum((l & c).sum() for _, l, c in rows), sum((~l & c).sum() for _, l, c in rows)
     warm_pos, warm_neg = sum((l & ~c).sum() for _, l, c in rows), sum((~l & ~c).sum() for _, l, c in rows)
     cold_rate, warm_rate = cold_pos / max(cold_pos + cold_neg, 1), warm_pos / max(warm_pos + warm_neg, 1)
@@ -548,10 +562,10 @@ def _fit_ranker(self: MsrRecommender, X: list, y: list):
 def _fit(self: MsrRecommender, tracks, playlist_tracks):
     self.catalogue_ = Catalogue(tracks, self.lookup_, exact_limit=self.exact_knn_limit)
     self.features_ = list(FEATURES)
-    queries, rest = self._training_queries(playlist_tracks)
-    X, y = self._ranker_data(queries, self._stats(tracks, rest))
+    folds = self._training_folds(playlist_tracks)
+    X, y = self._ranker_data((queries, self._stats(tracks, rest)) for queries, rest in folds)
     self._fit_ranker(X, y)
-    self.training_.update(self.cold_)
+    self.training_.update(self.cold_, folds=len(folds))
     self.stats_ = self._stats(tracks, playlist_tracks)
 
 # %% ../nbs/11_model.ipynb #ab7df083
