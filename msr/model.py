@@ -525,6 +525,7 @@ def _ranker_data(self: MsrRecommender,
         for q, heldout in queries:
             cands, F, _ = _query(self.catalogue_, st, q, self.n_audio, self.n_cooc, self.n_knn)
             rows.append((F, np.isin(cands, heldout), st.count[cands] == 0))
+        del st  # before the next fold's statistics are built: one fold's in memory at a time
     cold_pos, cold_neg = sum((l & c).sum() for _, l, c in rows), sum((~l & c).sum() for _, l, c in rows)
     warm_pos, warm_neg = sum((l & ~c).sum() for _, l, c in rows), sum((~l & ~c).sum() for _, l, c in rows)
     cold_rate, warm_rate = cold_pos / max(cold_pos + cold_neg, 1), warm_pos / max(warm_pos + warm_neg, 1)

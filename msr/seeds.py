@@ -215,6 +215,7 @@ def _text(rec: Mapping, key: str, i: int) -> str | None:
 def _number(rec: Mapping, key: str, i: int) -> float:
     "A numeric field of record `i`: NaN when absent; ValueError naming the field when it is not a finite number."
     v = rec.get(key)
+    if type(v) is float and v not in (math.inf, -math.inf): return v  # the common case first (NaN passes: no value)
     if v is None: return math.nan
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise ValueError(f"seed {i}: '{key}' must be a number, got {type(v).__name__} {str(v)[:40]!r}")
