@@ -5,6 +5,8 @@
 # %% ../nbs/11_model.ipynb #38dc3d27
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -440,7 +442,7 @@ class MsrRecommender(Recommender):
                  neighbours: dict,  # `msr.baselines.item_similarity` arguments: neighbours, artist_weight, album_weight, similarity
                  n_rank: int,  # candidates kept by the linear first stage for LambdaRank
                  exact_knn_limit: int,  # above this many tracks, audio neighbours come from the IVF index
-                 ltr_fraction: float,  # training playlists used as ranker queries (the rest give their statistics)
+                 ltr_fraction: float,  # share of the playlists with 10+ tracks that give ranker queries (with one fold the others give the statistics)
                  ltr_max_playlists: int,  # at most this many ranker playlists (bounds fit time on big catalogues)
                  ltr_folds: int,  # the ranker playlists in folds: a fold's queries are scored with every other playlist's statistics
                  ltr_settings: list,  # seed fraction (<1) or count of the ranker's queries
@@ -454,8 +456,9 @@ class MsrRecommender(Recommender):
         self.n_knn, self.neighbours = n_knn, dict(neighbours)
         self.exact_knn_limit = exact_knn_limit
         self.ltr_fraction, self.ltr_max_playlists = ltr_fraction, ltr_max_playlists
-        if not (isinstance(ltr_folds, int) and ltr_folds >= 1): raise ValueError(f"ltr_folds: a whole number >= 1, not {ltr_folds!r}")
-        self.ltr_folds = ltr_folds
+        if isinstance(ltr_folds, bool) or not isinstance(ltr_folds, numbers.Integral) or ltr_folds < 1:
+            raise ValueError(f"ltr_folds: a whole number >= 1, not {ltr_folds!r}")
+        self.ltr_folds = int(ltr_folds)
         self.ltr_settings, self.seed = tuple(ltr_settings), seed
         bad = set(ltr_foreign) - set(FOREIGN_MODES)
         if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
@@ -503,8 +506,9 @@ def _training_folds(self: MsrRecommender, playlist_tracks: pd.DataFrame) -> list
         queries = []
         for p in fold: queries += self._queries_of(tr[order[starts[p]:starts[p + 1]]], rng)
         rest = playlist_tracks[~np.isin(pl, fold)]
-        if rest.empty: raise ValueError(f"every playlist gives ranker queries (ltr_fraction {self.ltr_fraction}) and there is one "
-                                        "fold: no playlist is left for the statistics; use ltr_folds >= 2 or a smaller ltr_fraction")
+        if rest.empty: raise ValueError(f"no playlist is left outside a fold of the ranker's queries to give the statistics "
+                                        f"(ltr_folds {self.ltr_folds}, ltr_fraction {self.ltr_fraction}, {len(starts) - 1} playlists): "
+                                        "use more folds, a smaller ltr_fraction or more playlists")
         out.append((queries, rest))
     return out
 
