@@ -108,20 +108,24 @@ serve: setup
 # /health and msr-serve is installed, and stopped with the dashboard. msr.pages limits the open pages and
 # culls their kernels (params.yaml's dashboard section).
 DASHBOARD_API = $${MSR_API_URL:-http://127.0.0.1:$(or $(SERVE_PORT),$$($(BIN)/python -c "from msr.core import load_params; print(load_params(section='serve')['port'])"))}
-API_HEALTHY = $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/health', timeout=2)" 2>/dev/null
+# ok / refused (it answers but refuses MSR_API_KEY, or the lack of one) / down; the key travels in the environment, never in argv
+API_STATE = $(BIN)/python -m msr.app health
 
 # Start the REST service the dashboard's pages ask (as `make serve` does) when none answers $$api/health and none was named.
 define ENSURE_API
-api=$(DASHBOARD_API); \
-	if ! $(API_HEALTHY) $$api; then \
+api=$(DASHBOARD_API); state=$$($(API_STATE) $$api || echo down); \
+	if [ "$$state" = down ]; then \
 	  if [ -z "$${MSR_API_URL:-}" ] && [ -x $(BIN)/msr-serve ]; then \
 	    echo "msr $@: no REST service answers $$api/health; starting one (make serve SERVE_HOST=127.0.0.1)"; \
 	    setsid $(MAKE) --no-print-directory serve SERVE_HOST=127.0.0.1 & serve_pid=$$!; \
 	    trap 'kill -- -'$$serve_pid' 2>/dev/null' EXIT INT TERM; \
-	    for i in $$(seq 180); do $(API_HEALTHY) $$api && break; sleep 1; done; \
-	    $(API_HEALTHY) $$api || { echo "msr $@: the REST service did not come up on $$api"; exit 1; }; \
+	    for i in $$(seq 180); do state=$$($(API_STATE) $$api || echo down); [ "$$state" != down ] && break; sleep 1; done; \
+	    [ "$$state" != down ] || { echo "msr $@: the REST service did not come up on $$api"; exit 1; }; \
 	  else echo "msr $@: no REST service answers $$api/health. Start it first (make serve, in another terminal)," \
 	    "or point MSR_API_URL at one."; exit 1; fi; fi; \
+	if [ "$$state" = refused ]; then echo "msr $@: the REST service at $$api refuses" \
+	  "$$(if [ -n "$${MSR_API_KEY:-}" ]; then echo the key in MSR_API_KEY; else echo requests without a key; fi): set MSR_API_KEY to a key it accepts" \
+	  "(msr-keys add NAME in its project, or a JupyterHub API token when it serves a hub)"; exit 1; fi; \
 	export MSR_API_URL=$$api
 endef
 

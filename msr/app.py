@@ -9,6 +9,7 @@ import html
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,8 +22,8 @@ from IPython.display import display
 from .core import TRACK_ID, load_params, project_root
 
 # %% auto #0
-__all__ = ['PROFILE_COLOURS', 'ApiError', 'Api', 'dashboard_params', 'results_html', 'summary_html', 'profile_html', 'PageUser',
-           'page_user', 'Dashboard', 'admin_group']
+__all__ = ['PROFILE_COLOURS', 'ApiError', 'Api', 'dashboard_params', 'api_health', 'results_html', 'summary_html', 'profile_html',
+           'PageUser', 'page_user', 'Dashboard', 'admin_group']
 
 # %% ../nbs/14_app.ipynb #5ad2a134
 class ApiError(Exception):
@@ -82,6 +83,19 @@ def from_env(cls: Api) -> Api:
     url = os.environ.get("MSR_API_URL") or params["api_url"] or f"http://127.0.0.1:{load_params(project_root() / 'params.yaml', 'serve')['port']}"
     return cls(url, os.environ.get("MSR_API_KEY"),
                float(os.environ.get("MSR_API_TIMEOUT") or params["api_timeout"]))
+
+# %% ../nbs/14_app.ipynb #a7460345
+def api_health(url: str,  # the service's base URL
+               key: str | None = None,  # an API key, as `Api` sends it
+               timeout: float = 2.0,  # seconds to wait
+              ) -> str:
+    "'ok' when the service at `url` answers `/health` (any answer but a refusal of the key), 'refused' (401, 403), 'down' when nothing answers."
+    try: Api(url, key, timeout).get("/health")
+    except ApiError as e: return "down" if e.status is None else "refused" if e.status in (401, 403) else "ok"
+    return "ok"
+
+if __name__ == "__main__" and sys.argv[1:2] == ["health"] and len(sys.argv) == 3:  # python -m msr.app health URL (the Makefile's probe)
+    print(api_health(sys.argv[2], os.environ.get("MSR_API_KEY")))
 
 # %% ../nbs/14_app.ipynb #d4dfd25d
 def results_html(answer: dict) -> str:

@@ -77,19 +77,37 @@ def _nearest(cat: Catalogue, x: np.ndarray, k: int) -> np.ndarray:
     return top if pool is None else pool[top]
 
 # %% ../nbs/11_model.ipynb #1e730763
+_GRID = 64  # integer steps per unit of scaled audio (a standard deviation): 1/64 is far below any audio difference that matters
+
+def _assign(Xq: np.ndarray, C: np.ndarray, chunk: int = 16_384) -> np.ndarray:
+    "Each row's nearest centre (the lowest index on ties); exact for integer coordinates (float64, |values| < 2²⁶)."
+    cn = (C * C).sum(1)
+    out = np.empty(len(Xq), np.int64)
+    for i in range(0, len(Xq), chunk): out[i:i + chunk] = np.argmin(cn - 2 * (Xq[i:i + chunk] @ C.T), axis=1)
+    return out
+
 class _Cells:
-    "An inverted-file index over audio space: k-means cells, searched exactly within the nearest few."
-    def __init__(self, X: np.ndarray, seed: int = 0):
-        from sklearn.cluster import MiniBatchKMeans
-        n_cells = int(np.sqrt(len(X)))
-        km = MiniBatchKMeans(n_clusters=n_cells, batch_size=4096, n_init=1, max_iter=20, random_state=seed).fit(X)
-        self.centers = km.cluster_centers_.astype(np.float32)
-        self.members = _Inverted(km.labels_)
+    "An inverted-file index over audio space: k-means cells on an integer grid (the same on every CPU), searched exactly within the nearest few."
+    def __init__(self, X: np.ndarray, seed: int = 0, iters: int = 20, sample: int = 50_000):
+        Xq = np.round(X.astype(np.float64) * _GRID)
+        rng = np.random.default_rng(seed)
+        n_cells = max(1, int(np.sqrt(len(X))))
+        fit = Xq if len(Xq) <= sample else Xq[np.sort(rng.choice(len(Xq), sample, replace=False))]  # centres from a sample
+        C = fit[np.sort(rng.choice(len(fit), n_cells, replace=False))]
+        for _ in range(iters):  # Lloyd's iterations, exact: integer sums, rounded means
+            lab = _assign(fit, C)
+            counts = np.bincount(lab, minlength=n_cells)
+            sums = np.stack([np.bincount(lab, weights=fit[:, j], minlength=n_cells) for j in range(fit.shape[1])], 1)
+            new = np.where(counts[:, None] > 0, np.round(sums / np.maximum(counts, 1)[:, None]), C)
+            if np.array_equal(new, C): break
+            C = new
+        self.centers = (C / _GRID).astype(np.float32)
+        self.members = _Inverted(_assign(Xq, C))
     def candidates(self, x: np.ndarray, k: int) -> np.ndarray:
         "Catalogue indices in the cells nearest to `x`, at least about 4k of them."
         d = ((self.centers - x) ** 2).sum(1)
         sizes = np.diff(self.members.start)
-        cells = np.argsort(d)
+        cells = np.argsort(d, kind="stable")
         n = np.searchsorted(np.cumsum(sizes[cells]), 4 * k) + 1
         return self.members.lookup(cells[:n])
 

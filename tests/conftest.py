@@ -270,7 +270,7 @@ def msr_server(served_project, tmp_path_factory, spotify_fake) -> Served:
     finally: stop_server(proc)
 
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; playwright's own browser download does not work here
+CHROMIUM = Path(os.environ.get("MSR_CHROMIUM", "/usr/bin/chromium"))  # Debian's (playwright's own download does not work here)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]  # this machine's network is closed: no background calls
 
@@ -359,3 +359,17 @@ def team_server():
                 run([str(BIN / "msr-team"), "db", "stop"], root, check=False)
                 raise AssertionError(f"msr-team server left its PostgreSQL running:\n{(root / 'server.log').read_text()[-2000:]}")
     finally: shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After `make test`: each group of skipped tests, how many, and why, where the reason names the command that
+    brings them in (apt-get install chromium / postgresql, make hub-proxy, make airflow), so a machine without them
+    says so in one place instead of in pytest's skip lines only."""
+    from collections import Counter
+    groups = Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        groups[reason.removeprefix("Skipped: ")] += 1
+    if not groups: return
+    terminalreporter.section(f"msr: {sum(groups.values())} test(s) skipped, in {len(groups)} group(s)", sep="=")
+    for reason, n in groups.most_common(): terminalreporter.line(f"{n:4d} skipped: {reason}")

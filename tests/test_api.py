@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, free_port, served_env, start_server, stop_server
+from conftest import BIN, ROOT, free_port, served_env, start_server, stop_server
 from test_serve import PID, logged, playlist_seeds
 
 LONG_ID = "0" * 22  # a well-formed id msr does not know
@@ -341,6 +341,29 @@ def test_off_loopback_needs_api_keys(served_project, tmp_path):
     p = subprocess.run([str(BIN / "msr-serve"), "--host", "0.0.0.0", "--port", str(free_port())], cwd=root, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "allowed_hosts" in p.stderr, p.stderr  # every address also needs the names clients use
+
+
+def test_make_dashboard_beside_a_keyed_service(strict_server, tmp_path):
+    """README's path: `make dashboard` with MSR_API_URL and MSR_API_KEY beside a keyed msr-serve. Its health probe sends
+    the key (before, it sent none, got 401 and stopped with "no REST service answers"); without a key it stops at once,
+    saying the service refuses it, and never starts a second service on the first one's port."""
+    url, key, _ = strict_server
+    port, token = free_port(), "dashboard-test-token"
+    env = {k: v for k, v in os.environ.items() if k != "MSR_API_KEY"}
+    env.update(MSR_API_URL=url, MSR_DASHBOARD_TOKEN=token)
+    make = ["make", "--no-print-directory", "dashboard", f"DASHBOARD_PORT={port}"]
+    p = subprocess.run(make, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and f"the REST service at {url} refuses requests without a key" in p.stdout, p.stdout + p.stderr
+    assert "set MSR_API_KEY" in p.stdout and "starting one" not in p.stdout
+    proc = start_server(make, ROOT, {**env, "MSR_API_KEY": key}, f"tcp://127.0.0.1:{port}", tmp_path / "dashboard.log")
+    try:
+        status, headers, _ = call(f"http://127.0.0.1:{port}", "GET", f"/?token={token}", timeout=120)
+        assert status == 200 or (status == 302 and "login" not in headers["location"]), (status, headers)  # the token is taken
+        status, headers, _ = call(f"http://127.0.0.1:{port}", "GET", "/", timeout=120)
+        assert status == 302 and "/login" in headers["location"], (status, headers)  # and needed
+        log = (tmp_path / "dashboard.log").read_text()
+        assert f"msr dashboard: http://127.0.0.1:{port}/?token=" in log and key not in log, log[-2000:]
+    finally: stop_server(proc)
 
 
 def test_spotify_storm_does_not_starve_seeds(msr_server, seeds, spotify_fake):

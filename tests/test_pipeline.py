@@ -134,6 +134,23 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert "msr-stage: ingest done" in again["ingest"] and "route=source" in again["ingest"], again["ingest"]
     assert re.search(r"msr-stage: train done in [\d.]+s, fit_seconds=[\d.]+", again["train"]), again["train"]
 
+    # msr-repro (what .ci/run runs after make run-offline): the clean tree reproduces the commit; metrics that differ in
+    # their last digits, as another CPU's do, and float outputs with other hashes pass and are reported; nothing else may change
+    assert "reproduced against HEAD: 0 number(s) within tolerance" in run(["msr-repro"], project).stdout
+    metrics = project / "outputs/metrics"
+    clusters, table = json.loads((metrics / "clusters.json").read_text()), json.loads((metrics / "recommend.json").read_text())
+    for g in clusters["genres"].values(): g["bic"] *= 1 + 1e-15
+    table["msr"]["faithful/half"]["r_precision"] += 1e-13
+    (metrics / "clusters.json").write_text(json.dumps(clusters))
+    (metrics / "recommend.json").write_text(json.dumps(table))
+    lock = (project / "dvc.lock").read_text()
+    model_md5 = re.search(r"path: data/models/recommender.pkl\n\s+hash: md5\n\s+md5: (\w+)", lock).group(1)
+    (project / "dvc.lock").write_text(lock.replace(model_md5, "0" * 32))
+    shown = run(["msr-repro"], project).stdout
+    assert "recommend.json:msr/faithful/half/r_precision" in shown and "within abs 0.01" in shown, shown
+    assert f"float output's hash differs (allowed): stage train: out data/models/recommender.pkl {model_md5} -> {'0' * 32}" in shown
+    run(["git", "checkout", "--", "outputs/metrics", "dvc.lock"], project)
+
     # a DVC remote (a local folder here): push, then a fresh clone pulls and finds nothing to re-run
     remote = tmp_path / "dvc-remote"
     run(["dvc", "remote", "add", "-d", "team", str(remote)], project)
@@ -145,6 +162,16 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], fresh).stdout
     assert ran(run(["dvc", "repro"], fresh)) == set()
     assert digest(fresh / "data/models/recommender.pkl") == digest(project / "data/models/recommender.pkl")
+
+    # a real change is not a CPU's last digits: one training parameter moves msr's metrics beyond their tolerance, and
+    # msr-repro fails naming each such metric with its committed and new values (and the changed params.yaml)
+    set_params(fresh, train={"n_rank": 5})
+    run(["dvc", "repro", "train", "evaluate"], fresh)
+    failed = run(["msr-repro"], fresh, check=False)
+    assert failed.returncode == 1 and "params.yaml: changed" in failed.stderr, failed.stdout + failed.stderr
+    assert "stage train: the params it read changed" in failed.stderr
+    assert re.search(r"recommend\.json:msr/faithful/\w+/r_precision: committed [\d.]+, now [\d.]+, more than its tolerance abs 0\.01",
+                     failed.stderr), failed.stderr
 
     # one changed parameter re-runs the stages that read it, nothing else: silhouette_sample is the clusters stage's
     # alone (the models' clusters arguments, which evaluate reads too, would also move the baselines' figures and so
