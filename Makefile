@@ -85,8 +85,10 @@ test: sync-check lint nbtest pytest
 lab: setup
 	$(BIN)/jupyter lab
 
+# the embedded store's UI; its own port, so it runs beside make mlflow-server (team.port 5000) and make serve (5001)
+MLFLOW_UI_PORT ?= 5002
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
 # A team's shared MLflow server (msr-team server; params.yaml's team section): runs, registry and users in PostgreSQL (a cluster
 # made in data/team/postgres on 127.0.0.1, or team.database_url), artifacts proxied to team.artifacts, basic auth whose admin

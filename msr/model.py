@@ -378,21 +378,21 @@ def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: in
 
 # %% ../nbs/11_model.ipynb #b5e6f370
 class _Linear:
-    "A standardised linear scorer (missing values count as 0 after standardising)."
+    "A standardised linear scorer (missing values count as 0 after standardising); the same scores on every CPU."
     def __init__(self, mean, scale, coef): self.mean, self.scale, self.coef = mean, scale, coef
     def __call__(self, F: np.ndarray) -> np.ndarray:
-        Z = (F - self.mean) / self.scale
-        return np.nan_to_num(Z, nan=0.0) @ self.coef
+        Z = np.nan_to_num((F - self.mean) / self.scale, nan=0.0).astype(np.float64)
+        return (Z * self.coef.astype(np.float64)).sum(1).astype(np.float32)  # float64 sums of float32 terms: exact-ish, no BLAS
 
 # %% ../nbs/11_model.ipynb #94b81cff
 def _fit_prefilter(X: np.ndarray, y: np.ndarray) -> _Linear:
-    "Logistic regression of relevance on the features, as a `_Linear` scorer."
+    "Logistic regression of relevance on the features, solved to convergence, as a `_Linear` scorer with weights rounded to 0.01."
     from sklearn.linear_model import LogisticRegression
     mean, scale = np.nanmean(X, 0), np.nanstd(X, 0)
     scale = np.where(scale > 0, scale, 1)
     Z = np.nan_to_num((X - mean) / scale, nan=0.0)
-    lr = LogisticRegression(C=1.0, max_iter=500).fit(Z, y)
-    return _Linear(mean.astype(np.float32), scale.astype(np.float32), lr.coef_[0].astype(np.float32))
+    lr = LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-8, max_iter=100).fit(Z, y)
+    return _Linear(mean.astype(np.float32), scale.astype(np.float32), np.round(lr.coef_[0], 2).astype(np.float32))
 
 # %% ../nbs/11_model.ipynb #8209b9eb
 def _top(scores: np.ndarray, n: int) -> np.ndarray:
