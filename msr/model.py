@@ -382,7 +382,9 @@ class _Linear:
     def __init__(self, mean, scale, coef): self.mean, self.scale, self.coef = mean, scale, coef
     def __call__(self, F: np.ndarray) -> np.ndarray:
         Z = np.nan_to_num((F - self.mean) / self.scale, nan=0.0).astype(np.float64)
-        return (Z * self.coef.astype(np.float64)).sum(1).astype(np.float32)  # float64 sums of float32 terms: exact-ish, no BLAS
+        # float32 × float32 products are exact in float64; summed in any order (the BLAS kernel's), they round to the same float32
+        # unless the sum lies within ~1e-15 of a float32 rounding boundary
+        return (Z @ self.coef.astype(np.float64)).astype(np.float32)
 
 # %% ../nbs/11_model.ipynb #94b81cff
 def _fit_prefilter(X: np.ndarray, y: np.ndarray) -> _Linear:
