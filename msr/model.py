@@ -22,7 +22,7 @@ from .seeds import Seeds, TrackLookup
 from .transform import track_genre_labels
 
 # %% auto #0
-__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'Catalogue', 'PlaylistStats', 'MsrRecommender']
+__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'Catalogue', 'PlaylistStats', 'fused_order', 'MsrRecommender']
 
 # %% ../nbs/11_model.ipynb #7155bfc0
 SIMILARITY = ["danceability", "energy", "loudness", "speechiness", "acousticness",
@@ -449,6 +449,38 @@ def _reasons(cat: Catalogue, st: PlaylistStats, q: Seeds, track: int, f: np.ndar
 # %% ../nbs/11_model.ipynb #0aa138f2
 FOREIGN_MODES = ("foreign", "nofeat", "mixed")  # simulated foreign seeds: all seeds with features, all without, half
 
+# %% ../nbs/11_model.ipynb #c0f86911
+def _check_fusion(fusion: dict) -> dict:
+    "`fusion` (params.yaml's train.fusion) checked: knn_weight in [0, 1], constant > 0."
+    fusion = dict(fusion)
+    unknown = set(fusion) - {"knn_weight", "constant"}
+    if unknown: raise ValueError(f"fusion: unknown key(s) {sorted(unknown)}; it takes knn_weight and constant")
+    for key in ("knn_weight", "constant"):
+        if key not in fusion: raise ValueError(f"fusion: {key} is missing")
+    w, c = fusion["knn_weight"], fusion["constant"]
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 <= w <= 1:
+        raise ValueError(f"fusion: knn_weight is a number from 0 to 1, not {w!r}")
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not c > 0:
+        raise ValueError(f"fusion: constant is a number above 0, not {c!r}")
+    return {"knn_weight": float(w), "constant": float(c)}
+
+def fused_order(n: int,  # candidates
+                ranked: np.ndarray,  # the ranker's order: candidate positions, best first
+                knn: np.ndarray,  # every candidate's item-neighbour score (0 or NaN: not reached)
+                knn_weight: float,  # the neighbours' share of the fused score
+                constant: float,  # the reciprocal-rank constant c
+               ) -> tuple[np.ndarray, np.ndarray]:
+    "Candidate positions with a fused score, best first (ties in position order), and those scores."
+    score = np.zeros(n)
+    score[ranked] += (1 - knn_weight) / (constant + 1 + np.arange(len(ranked)))
+    if knn_weight > 0:
+        reached = np.flatnonzero(np.nan_to_num(knn, nan=0.0) > 0)
+        by_knn = reached[_top(knn[reached], len(reached))]
+        score[by_knn] += knn_weight / (constant + 1 + np.arange(len(by_knn)))
+    some = np.flatnonzero(score > 0)
+    order = some[_top(score[some], len(some))]
+    return order, score[order]
+
 # %% ../nbs/11_model.ipynb #3fabffe3
 class MsrRecommender(Recommender):
     "Candidate generators + LightGBM LambdaRank over playlist, artist, album, audio, era and genre features."
@@ -461,6 +493,7 @@ class MsrRecommender(Recommender):
                  n_knn: int,  # item neighbours per query (the library peer's similarity, learned inside msr)
                  neighbours: dict,  # `msr.baselines.item_similarity` arguments: neighbours, artist_weight, album_weight, similarity
                  n_rank: int,  # candidates kept by the linear first stage for LambdaRank
+                 fusion: dict,  # the final order, `fused_order` arguments: knn_weight (0: the ranker's order alone) and constant
                  exact_knn_limit: int,  # above this many tracks, audio neighbours come from the IVF index
                  ltr_fraction: float,  # share of the playlists with 10+ tracks that give ranker queries (with one fold the others give the statistics)
                  ltr_max_playlists: int,  # at most this many ranker playlists (bounds fit time on big catalogues)
@@ -484,6 +517,7 @@ class MsrRecommender(Recommender):
         if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
         self.ltr_foreign = tuple(ltr_foreign)
         self.ranker, self.genre, self.clusters = dict(ranker), dict(genre), dict(clusters)
+        self.fusion = _check_fusion(fusion)
 
 # %% ../nbs/11_model.ipynb #7c197634
 @patch
@@ -596,13 +630,12 @@ def _fit(self: MsrRecommender, tracks, playlist_tracks):
 # %% ../nbs/11_model.ipynb #ab7df083
 @patch
 def _scored(self: MsrRecommender, q: Seeds):
-    "Candidates best first, with their features and ranker scores, and the seeds' genre."
+    "Candidates best first, with their features and fused scores, and the seeds' genre."
     cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc, self.n_knn)
     keep = _top(self.prefilter_(F), self.n_rank)
-    cands, F = cands[keep], F[keep]
-    scores = self.model_.booster_.predict(F)
-    order = _top(scores, len(scores))
-    return cands[order], F[order], scores[order], g
+    s = self.model_.booster_.predict(F[keep])
+    order, scores = fused_order(len(cands), keep[_top(s, len(s))], F[:, _COL["item_knn"]], **self.fusion)
+    return cands[order], F[order], scores, g
 
 # %% ../nbs/11_model.ipynb #5165114b
 @patch
@@ -645,3 +678,4 @@ def __setstate__(self: MsrRecommender, state):
         raise ValueError("this model was trained on a different feature set than this msr version computes: "
                          "retrain it (dvc repro)")
     self.__dict__.update(state)
+    self.__dict__.setdefault("fusion", {"knn_weight": 0.0, "constant": 20.0})  # saved before the fusion: its ranker's order
