@@ -470,7 +470,7 @@ def fused_order(n: int,  # candidates
                 knn_weight: float,  # the neighbours' share of the fused score
                 constant: float,  # the reciprocal-rank constant c
                ) -> tuple[np.ndarray, np.ndarray]:
-    "Candidate positions with a fused score, best first (ties in position order), and those scores."
+    "Candidate positions with a fused score, best first (ties in position order), and those scores (1: first in both orders)."
     score = np.zeros(n)
     score[ranked] += (1 - knn_weight) / (constant + 1 + np.arange(len(ranked)))
     if knn_weight > 0:
@@ -479,7 +479,7 @@ def fused_order(n: int,  # candidates
         score[by_knn] += knn_weight / (constant + 1 + np.arange(len(by_knn)))
     some = np.flatnonzero(score > 0)
     order = some[_top(score[some], len(some))]
-    return order, score[order]
+    return order, score[order] * (constant + 1)  # scaled: a candidate first in both orders scores 1
 
 # %% ../nbs/11_model.ipynb #3fabffe3
 class MsrRecommender(Recommender):
