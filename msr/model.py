@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from fastcore.basics import patch
 from sklearn.preprocessing import StandardScaler
 
-from .baselines import item_similarity, neighbour_scores, real_albums, seed_weights
+from .baselines import _check_weight, item_similarity, neighbour_scores, real_albums, seed_weights
 from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
@@ -22,7 +22,8 @@ from .seeds import Seeds, TrackLookup
 from .transform import track_genre_labels
 
 # %% auto #0
-__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'Catalogue', 'PlaylistStats', 'fused_order', 'MsrRecommender']
+__all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'FUSION_KEYS', 'Catalogue', 'PlaylistStats', 'knn_share', 'fused_order',
+           'MsrRecommender']
 
 # %% ../nbs/11_model.ipynb #7155bfc0
 SIMILARITY = ["danceability", "energy", "loudness", "speechiness", "acousticness",
@@ -450,19 +451,28 @@ def _reasons(cat: Catalogue, st: PlaylistStats, q: Seeds, track: int, f: np.ndar
 FOREIGN_MODES = ("foreign", "nofeat", "mixed")  # simulated foreign seeds: all seeds with features, all without, half
 
 # %% ../nbs/11_model.ipynb #c0f86911
+FUSION_KEYS = ("knn_weight", "constant", "known_share")  # params.yaml's train.fusion
+
 def _check_fusion(fusion: dict) -> dict:
-    "`fusion` (params.yaml's train.fusion) checked: knn_weight in [0, 1], constant > 0."
+    "`fusion` (params.yaml's train.fusion) checked: knn_weight in [0, 1], constant > 0, known_share true or false."
     fusion = dict(fusion)
-    unknown = set(fusion) - {"knn_weight", "constant"}
-    if unknown: raise ValueError(f"fusion: unknown key(s) {sorted(unknown)}; it takes knn_weight and constant")
-    for key in ("knn_weight", "constant"):
+    unknown = set(fusion) - set(FUSION_KEYS)
+    if unknown: raise ValueError(f"fusion: unknown key(s) {sorted(unknown)}; it takes {', '.join(FUSION_KEYS)}")
+    for key in FUSION_KEYS:
         if key not in fusion: raise ValueError(f"fusion: {key} is missing")
-    w, c = fusion["knn_weight"], fusion["constant"]
-    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0 <= w <= 1:
-        raise ValueError(f"fusion: knn_weight is a number from 0 to 1, not {w!r}")
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not c > 0:
-        raise ValueError(f"fusion: constant is a number above 0, not {c!r}")
-    return {"knn_weight": float(w), "constant": float(c)}
+    w, c = _check_weight("fusion: knn_weight", fusion["knn_weight"]), _check_weight("fusion: constant", fusion["constant"])
+    if w > 1: raise ValueError(f"fusion: knn_weight is a share, from 0 to 1, not {w!r}")
+    if c == 0: raise ValueError("fusion: constant must be above 0, not 0")
+    if not isinstance(fusion["known_share"], bool):
+        raise ValueError(f"fusion: known_share is true or false, not {fusion['known_share']!r}")
+    return {"knn_weight": w, "constant": c, "known_share": fusion["known_share"]}
+
+def knn_share(fusion: dict,  # checked by `_check_fusion`
+              q: Seeds,  # the query's seeds
+             ) -> float:
+    "The item neighbours' share of query `q`'s fused score: knn_weight, times the share of the seeds the catalogue holds with known_share."
+    if not fusion["known_share"] or not q.n: return fusion["knn_weight"]
+    return fusion["knn_weight"] * len(q.known) / q.n
 
 def fused_order(n: int,  # candidates
                 ranked: np.ndarray,  # the ranker's order: candidate positions, best first
@@ -493,7 +503,7 @@ class MsrRecommender(Recommender):
                  n_knn: int,  # item neighbours per query (the library peer's similarity, learned inside msr)
                  neighbours: dict,  # `msr.baselines.item_similarity` arguments: neighbours, artist_weight, album_weight, similarity
                  n_rank: int,  # candidates kept by the linear first stage for LambdaRank
-                 fusion: dict,  # the final order, `fused_order` arguments: knn_weight (0: the ranker's order alone) and constant
+                 fusion: dict,  # the final order (`fused_order`): knn_weight (0: the ranker's order alone), constant, known_share (`knn_share`)
                  exact_knn_limit: int,  # above this many tracks, audio neighbours come from the IVF index
                  ltr_fraction: float,  # share of the playlists with 10+ tracks that give ranker queries (with one fold the others give the statistics)
                  ltr_max_playlists: int,  # at most this many ranker playlists (bounds fit time on big catalogues)
@@ -634,7 +644,8 @@ def _scored(self: MsrRecommender, q: Seeds):
     cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc, self.n_knn)
     keep = _top(self.prefilter_(F), self.n_rank)
     s = self.model_.booster_.predict(F[keep])
-    order, scores = fused_order(len(cands), keep[_top(s, len(s))], F[:, _COL["item_knn"]], **self.fusion)
+    order, scores = fused_order(len(cands), keep[_top(s, len(s))], F[:, _COL["item_knn"]], knn_share(self.fusion, q),
+                                self.fusion["constant"])
     return cands[order], F[order], scores, g
 
 # %% ../nbs/11_model.ipynb #5165114b
@@ -678,4 +689,5 @@ def __setstate__(self: MsrRecommender, state):
         raise ValueError("this model was trained on a different feature set than this msr version computes: "
                          "retrain it (dvc repro)")
     self.__dict__.update(state)
-    self.__dict__.setdefault("fusion", {"knn_weight": 0.0, "constant": 20.0})  # saved before the fusion: its ranker's order
+    # saved before the fusion: its ranker's order; before known_share: its fixed weight
+    self.fusion = {"knn_weight": 0.0, "constant": 20.0, "known_share": False, **state.get("fusion", {})}
