@@ -153,10 +153,15 @@ def _reload(self: ApiKeys):
     self._mtime = mtime
 
 @patch
-def name_of(self: ApiKeys, key: str | None) -> str | None:
-    "The name of a valid key, else None."
+def refresh(self: ApiKeys):
+    "Re-read the file if it changed since the last read, looking at most once a second."
     if time.monotonic() - self._checked > 1.0:
         self._checked = time.monotonic(); self._reload()
+
+@patch
+def name_of(self: ApiKeys, key: str | None) -> str | None:
+    "The name of a valid key, else None."
+    self.refresh()
     return self._by_digest.get(_digest(key)) if key else None
 
 @patch(as_prop=True)
@@ -439,12 +444,19 @@ class Front:
         self.settings, self.pool, self.keys, self.monitor, self.hub = settings, pool, keys, monitor, hub
         self.limiter = RateLimiter(settings.rate, settings.burst)
         self.hosts = accepted_hosts(settings)
-        self.keys_required = keys.configured or hub is not None or not is_loopback(settings.host)
+        self.keys_always = hub is not None or not is_loopback(settings.host)  # a hub's tokens count, or others can reach it
         self.catalogue = frozenset(pool.info.get("catalogue", ()))  # for Spotify imports: tracks that need no audio features
         self.spotify = cf.ThreadPoolExecutor(settings.spotify_imports, thread_name_prefix="msr-spotify")
         self.importing = 0
         self.routes = {("GET", "/ping"): self._ping, ("GET", "/health"): self._health, ("POST", "/invocations"): self._invocations,
                        **{key: self._route for key in ROUTES}}
+
+@patch(as_prop=True)
+def keys_required(self: Front) -> bool:
+    "Whether a request needs a key: always beside a hub or off loopback; on loopback once a key exists (re-read while serving)."
+    self.keys.refresh()
+    return self.keys_always or self.keys.configured
+
 
 # %% ../nbs/13b_api.ipynb #ab25d679
 def _headers(scope) -> dict:

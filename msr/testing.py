@@ -15,7 +15,7 @@ import msr
 from .core import AUDIO_FEATURES, GENRE, PLAYLIST_ID, TRACK_ID, load_params, project_root
 
 # %% auto #0
-__all__ = ['SMALL', 'toy_world', 'small_params', 'process_memory']
+__all__ = ['SMALL', 'toy_world', 'small_params', 'process_memory', 'readme_block', 'sh', 'free_port', 'Service']
 
 # %% ../nbs/17_testing.ipynb #df5ea1c3
 def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, seed: int = 0):
@@ -66,3 +66,75 @@ def process_memory(pid: int) -> dict:
         name, value = line.split(":", 1)
         kb[name] = int(value.split()[0])
     return {"rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024, "uss_mb": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
+
+# %% ../nbs/17_testing.ipynb #9d1f3a02
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import atexit
+
+def readme_block(holding: str,  # text one line of the block holds
+                 lang: str = "bash",  # the block's language (after its opening fence)
+                 readme: str | Path | None = None,  # default: the project's README.md
+                ) -> str:
+    "The first fenced code block in `lang` of README that holds `holding`, without its fences."
+    text = Path(readme or project_root() / "README.md").read_text()
+    for block in re.findall(rf"^```{re.escape(lang)}\n(.*?)^```", text, flags=re.S | re.M):
+        if holding in block: return block
+    raise ValueError(f"README has no {lang} code block holding {holding!r}")
+
+def _env(env: dict | None) -> dict:
+    return {**os.environ, "PATH": f"{project_root() / '.venv/bin'}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+
+def sh(command: str,  # a command line, as typed
+       env: dict | None = None,  # variables set for it, as `NAME=value command` would
+       check: bool = True,  # fail (showing its output) when it exits with another code than 0
+       timeout: float = 3600,
+       quiet: bool = False,  # do not print its output
+      ) -> subprocess.CompletedProcess:
+    "Run `command` with bash in the project's root; print what it wrote; its CompletedProcess."
+    p = subprocess.run(["bash", "-c", command], cwd=project_root(), env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if not quiet: print((p.stdout + p.stderr)[-4000:])
+    if check and p.returncode != 0:
+        raise AssertionError(f"`{command}` exited with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+def free_port() -> int:
+    "A TCP port free on 127.0.0.1 right now."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+class Service:
+    "`command` left running, as in a second terminal, until `stop`; started once `url` answers (any HTTP status)."
+    def __init__(self, command: str, url: str, env: dict | None = None, timeout: float = 300):
+        self.command, self.log = command, Path(tempfile.mkstemp(prefix="msr-guide-", suffix=".log")[1])
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(["bash", "-c", command], cwd=project_root(), env=_env(env), stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)  # a guide that fails half way leaves nothing running
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None: raise AssertionError(f"`{command}` exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2): return
+            except urllib.error.HTTPError: return  # it answers
+            except OSError: time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"`{command}` did not answer {url} within {timeout:g} s:\n{self.output()}")
+
+    def output(self) -> str: return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self):
+        "Stop it and everything it started (SIGTERM to its process group, SIGKILL after 20 s)."
+        try: os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError: return
+        try: self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+
