@@ -15,7 +15,7 @@ import msr
 from .core import AUDIO_FEATURES, GENRE, PLAYLIST_ID, TRACK_ID, load_params, project_root
 
 # %% auto #0
-__all__ = ['SMALL', 'toy_world', 'small_params', 'process_memory', 'readme_block', 'sh', 'free_port', 'Service']
+__all__ = ['SMALL', 'toy_world', 'small_params', 'process_memory', 'readme_block', 'sh', 'free_port', 'after_make_run', 'Service']
 
 # %% ../nbs/17_testing.ipynb #df5ea1c3
 def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, seed: int = 0):
@@ -97,9 +97,11 @@ def sh(command: str,  # a command line, as typed
        check: bool = True,  # fail (showing its output) when it exits with another code than 0
        timeout: float = 3600,
        quiet: bool = False,  # do not print its output
+       cwd: str | Path | None = None,  # where it runs (default: the project's root)
       ) -> subprocess.CompletedProcess:
-    "Run `command` with bash in the project's root; print what it wrote; its CompletedProcess."
-    p = subprocess.run(["bash", "-c", command], cwd=project_root(), env=_env(env), capture_output=True, text=True, timeout=timeout)
+    "Run `command` with bash in the project's root (or `cwd`); print what it wrote; its CompletedProcess."
+    p = subprocess.run(["bash", "-c", command], cwd=cwd or project_root(), env=_env(env), capture_output=True, text=True,
+                       timeout=timeout)
     if not quiet: print((p.stdout + p.stderr)[-4000:])
     if check and p.returncode != 0:
         raise AssertionError(f"`{command}` exited with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -111,30 +113,53 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+def after_make_run(command: str = "make run-offline") -> subprocess.CompletedProcess:
+    """README's "after `make run`": the pipeline run in the project (offline: `make run-offline`; where it ran already DVC finds
+    nothing to do), one guide at a time: `make test` runs guides side by side, and DVC takes one `repro` per project at once."""
+    import fcntl
+    import hashlib
+    lock = Path(tempfile.gettempdir()) / f"msr-guides-{hashlib.sha256(str(project_root()).encode()).hexdigest()[:16]}.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: return sh(command, quiet=True)
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 class Service:
-    "`command` left running, as in a second terminal, until `stop`; started once `url` answers (any HTTP status)."
-    def __init__(self, command: str, url: str, env: dict | None = None, timeout: float = 300):
+    "`command` left running, as in a second terminal, until `stop`; started once `url` answers (with `status`, if given)."
+    def __init__(self, command: str, url: str, env: dict | None = None, timeout: float = 300, cwd: str | Path | None = None,
+                 status: int | None = None):  # e.g. 200: a proxy's 404 before its routes exist is not "started"
         self.command, self.log = command, Path(tempfile.mkstemp(prefix="msr-guide-", suffix=".log")[1])
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(["bash", "-c", command], cwd=project_root(), env=_env(env), stdout=out,
+            self.proc = subprocess.Popen(["bash", "-c", command], cwd=cwd or project_root(), env=_env(env), stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)  # a guide that fails half way leaves nothing running
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None: raise AssertionError(f"`{command}` exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(url, timeout=2): return
-            except urllib.error.HTTPError: return  # it answers
-            except OSError: time.sleep(0.5)
+                with urllib.request.urlopen(url, timeout=2) as r: got = r.status
+            except urllib.error.HTTPError as e: got = e.code  # it answers
+            except OSError: got = None
+            if got is not None and status in (None, got): return
+            time.sleep(0.5)
         self.stop()
         raise AssertionError(f"`{command}` did not answer {url} within {timeout:g} s:\n{self.output()}")
 
     def output(self) -> str: return self.log.read_text(errors="replace")[-4000:]
 
     def stop(self):
-        "Stop it and everything it started (SIGTERM to its process group, SIGKILL after 20 s)."
+        "Stop it and everything it started, in its process group or not (JupyterHub's proxy leaves it): SIGTERM, SIGKILL after 20 s."
+        import psutil
+        try: family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess: family = []
+        for p in family:
+            try: p.terminate()
+            except psutil.NoSuchProcess: pass
         try: os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError: return
-        try: self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+        except ProcessLookupError: pass
+        _, alive = psutil.wait_procs(family, timeout=20)
+        for p in alive:
+            try: p.kill()
+            except psutil.NoSuchProcess: pass
+        self.proc.wait()
 
