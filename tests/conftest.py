@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from msr.testing import free_port  # noqa: F401 (the tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ZIP = ROOT.parent / "shared" / "data" / "spotify_songs.zip"
 BIN = Path(sys.executable).parent
@@ -129,14 +131,6 @@ def set_params(project: Path, **sections):
     params = yaml.safe_load(path.read_text())
     for section, values in sections.items(): params[section] = {**params.get(section, {}), **values}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def free_port() -> int:
-    "A TCP port free on 127.0.0.1 right now."
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
