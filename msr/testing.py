@@ -117,8 +117,8 @@ def after_make_run(command: str = "make run-offline") -> subprocess.CompletedPro
     """README's "after `make run`": the pipeline run in the project (offline: `make run-offline`; where it ran already DVC finds
     nothing to do), one guide at a time: `make test` runs guides side by side, and DVC takes one `repro` per project at once."""
     import fcntl
-    import hashlib
-    lock = Path(tempfile.gettempdir()) / f"msr-guides-{hashlib.sha256(str(project_root()).encode()).hexdigest()[:16]}.lock"
+    lock = project_root() / ".dvc/tmp/msr-guides.lock"  # DVC's own scratch folder (gitignored)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try: return sh(command, quiet=True)
@@ -135,17 +135,23 @@ class Service:
         atexit.register(self.stop)  # a guide that fails half way leaves nothing running
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None: raise AssertionError(f"`{command}` exited with {self.proc.returncode}:\n{self.output()}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"`{command}` exited with {self.proc.returncode}:\n{self.output(last=True)}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r: got = r.status
             except urllib.error.HTTPError as e: got = e.code  # it answers
             except OSError: got = None
             if got is not None and status in (None, got): return
             time.sleep(0.5)
+        text = self.output()
         self.stop()
-        raise AssertionError(f"`{command}` did not answer {url} within {timeout:g} s:\n{self.output()}")
+        raise AssertionError(f"`{command}` did not answer {url} within {timeout:g} s:\n{text}")
 
-    def output(self) -> str: return self.log.read_text(errors="replace")[-4000:]
+    def output(self, last: bool = False) -> str:
+        "The end of what it wrote (`last`: and forget the log, when it did not start)."
+        text = self.log.read_text(errors="replace")[-4000:]
+        if last: self.log.unlink(missing_ok=True)
+        return text
 
     def stop(self):
         "Stop it and everything it started, in its process group or not (JupyterHub's proxy leaves it): SIGTERM, SIGKILL after 20 s."
@@ -162,4 +168,5 @@ class Service:
             try: p.kill()
             except psutil.NoSuchProcess: pass
         self.proc.wait()
+        self.log.unlink(missing_ok=True)  # what it wrote was shown when it mattered (a failed start)
 
