@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures as cf
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -34,10 +35,11 @@ from .redact import redact_url
 from .serve import MAX_QUERIES, BadRequest, Unavailable, check_row, quote
 
 # %% auto #0
-__all__ = ['LOOPBACK_NAMES', 'CHAMPION_URI', 'JSON_TYPE', 'DRAIN_BYTES', 'SOURCE_RE', 'ServeSettings', 'HttpError', 'bad',
-           'parse_json', 'read_rows', 'ApiKeys', 'keys_main', 'HubUsers', 'RateLimiter', 'is_loopback', 'host_name',
-           'accepted_hosts', 'load_champion', 'ModelProcess', 'log_row', 'ModelPool', 'registry_version', 'Reply',
-           'error_reply', 'Front', 'raw_reply', 'MsrH11', 'check_bind', 'listen', 'serve', 'main']
+__all__ = ['LOOPBACK_NAMES', 'CHAMPION_URI', 'RESTART_DELAYS', 'JSON_TYPE', 'DRAIN_BYTES', 'SOURCE_RE', 'ServeSettings',
+           'HttpError', 'bad', 'parse_json', 'read_rows', 'ApiKeys', 'keys_main', 'HubUsers', 'RateLimiter',
+           'is_loopback', 'host_name', 'accepted_hosts', 'load_champion', 'ModelProcess', 'log_row', 'ModelPool',
+           'registry_version', 'Reply', 'error_reply', 'Front', 'raw_reply', 'MsrH11', 'check_bind', 'listen', 'serve',
+           'main']
 
 # %% ../nbs/13b_api.ipynb #c7389922
 @dataclass(frozen=True)
@@ -362,26 +364,64 @@ class ModelPool:
     "Model processes answering tasks, with a bound on tasks in flight and a deadline per task."
     def __init__(self, model_uri: str, workers: int, max_pending: int, timeout: float, monitor_db: str | None = None):
         self.model_uri, self.workers, self.max_pending, self.timeout, self.monitor_db = model_uri, workers, max_pending, timeout, monitor_db
-        self.pending, self.info = 0, {}
-        self._start()
+        self.pending, self.info, self.version = 0, {}, None
+        self.restarting: asyncio.Task | None = None  # replacing a broken executor (`restart`)
+        self.closed = False
+        self.executor = self._start()
 
 @patch
-def _start(self: ModelPool):
-    try: self.version = registry_version(self.model_uri)  # read before loading: a move meanwhile is seen next time
-    except Exception: self.version = None
+def _start(self: ModelPool) -> cf.ProcessPoolExecutor:
+    "A new executor whose processes have all loaded the model (blocking); sets `info` and `version`. Raises ValueError if they cannot."
+    try: version = registry_version(self.model_uri)  # read before loading: a move meanwhile is seen next time
+    except Exception: version = None
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or OpenMP state inherited from the front
-    self.executor = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_process,
-                                           initargs=(self.model_uri, self.monitor_db))
-    futures = [self.executor.submit(_work, ("info",)) for _ in range(self.workers)]
-    first = futures[0].result()
-    if first[0] != "ok":
-        self.close()
-        raise ValueError(f"the model processes could not start: {first[3]}")
-    self.info = first[1]
-    for f in futures[1:]: f.result()
+    executor = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_process,
+                                      initargs=(self.model_uri, self.monitor_db))
+    try: results = [f.result() for f in [executor.submit(_work, ("info",)) for _ in range(self.workers)]]
+    except Exception as e: results = [("error", 503, "", f"a model process died while starting ({type(e).__name__})")]
+    failed = [r for r in results if r[0] != "ok"]
+    if failed:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise ValueError(f"the model processes could not start: {failed[0][3]}")
+    self.info, self.version = results[0][1], version
+    return executor
 
 @patch
-def close(self: ModelPool): self.executor.shutdown(wait=False, cancel_futures=True)
+def close(self: ModelPool):
+    "Stop the model processes now (tasks in flight are cancelled); a restart under way ends."
+    self.closed = True
+    self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# %% ../nbs/13b_api.ipynb #5e1f0a02
+RESTART_DELAYS = (1, 2, 4, 8, 16, 30)  # seconds between attempts to start new model processes (the last repeats)
+
+@patch
+def restart(self: ModelPool, broken: cf.Executor):
+    "Replace the `broken` executor in the background, once however many requests saw it fail (call from the event loop)."
+    if self.closed or broken is not self.executor or self.restarting is not None: return
+    logging.getLogger(__name__).error("msr-serve: a model process died; starting new model processes")
+    self.restarting = asyncio.get_running_loop().create_task(self._restart(broken))
+
+@patch
+async def _restart(self: ModelPool, broken: cf.Executor):
+    log = logging.getLogger(__name__)
+    broken.shutdown(wait=False, cancel_futures=True)
+    try:
+        for attempt in itertools.count():
+            if self.closed: return
+            try: executor = await asyncio.to_thread(self._start)  # in a thread: the event loop goes on answering
+            except Exception as e:
+                delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
+                log.error("msr-serve: new model processes did not start (%s); trying again in %d s", str(e)[:300], delay)
+                await asyncio.sleep(delay)
+                continue
+            if self.closed: executor.shutdown(wait=False, cancel_futures=True); return  # drained or closed meanwhile
+            self.executor = executor
+            log.warning("msr-serve: new model processes answer with %s", self.info.get("model_version"))
+            return
+    finally: self.restarting = None
+
 
 # %% ../nbs/13b_api.ipynb #0eb956a2
 def registry_version(model_uri: str) -> str | None:
@@ -398,28 +438,36 @@ def fresh(self: ModelPool) -> ModelPool:
     return ModelPool(self.model_uri, self.workers, self.max_pending, self.timeout, self.monitor_db)
 
 @patch
-def drain(self: ModelPool): self.executor.shutdown(wait=True, cancel_futures=False)  # requests in flight finish
+def drain(self: ModelPool):
+    "Stop taking tasks and let those in flight finish (blocking); a restart under way ends."
+    self.closed = True
+    self.executor.shutdown(wait=True, cancel_futures=False)
+
 
 # %% ../nbs/13b_api.ipynb #4e8d718b
 @patch
 async def run(self: ModelPool, task: tuple) -> tuple:
-    "(payload, log rows) of `task`, or an `HttpError` (503 when busy, late or broken)."
+    "(payload, log rows) of `task`, or an `HttpError` (503 when busy, late, broken or restarting)."
+    if self.restarting is not None:
+        raise HttpError(503, "TEMPORARILY_UNAVAILABLE", "msr is starting new model processes; try again shortly", {"Retry-After": "2"})
     if self.pending >= self.max_pending:
         raise HttpError(503, "BUSY", f"msr is answering {self.pending} requests; try again shortly", {"Retry-After": "1"})
     self.pending += 1
+    executor = self.executor
     try:
-        future = asyncio.get_running_loop().run_in_executor(self.executor, _work, task)
+        future = asyncio.get_running_loop().run_in_executor(executor, _work, task)
         result = await asyncio.wait_for(future, self.timeout)
     except asyncio.TimeoutError:
         raise HttpError(503, "TIMEOUT", f"the answer took longer than {self.timeout:g} s; try again", {"Retry-After": "1"}) from None
-    except cf.process.BrokenProcessPool:
-        logging.getLogger(__name__).error("a model process died; starting a new pool")
-        self.close(); self._start()
-        raise HttpError(503, "TEMPORARILY_UNAVAILABLE", "a model process failed; try again", {"Retry-After": "1"}) from None
+    except RuntimeError:  # BrokenProcessPool (a model process died), or an executor shut down meanwhile
+        self.restart(executor)
+        raise HttpError(503, "TEMPORARILY_UNAVAILABLE", "a model process failed; msr is starting new ones: try again shortly",
+                        {"Retry-After": "2"}) from None
     finally: self.pending -= 1
     if result[0] == "ok": return result[1], result[2]
     _, status, code, message, retry = result
     raise HttpError(status, code, message, {"Retry-After": str(math.ceil(retry))} if retry else None)
+
 
 # %% ../nbs/13b_api.ipynb #24a05419
 JSON_TYPE = "application/json"
@@ -544,8 +592,11 @@ async def _ping(self: Front, scope, headers, body) -> Reply: return Reply(200, "
 
 @patch
 async def _health(self: Front, scope, headers, body) -> Reply:
-    "The model version, the monitoring log's state (ok / degraded with the reason / off) and what is in flight."
+    "The model version (503 while new model processes start), the monitoring log's state (ok / degraded with the reason / off) and what is in flight."
     log = {"state": "off"} if self.monitor is None else {k: v for k, v in self.monitor.health().items() if k != "path"}
+    if self.pool.restarting is not None:  # a model process died: no answers until new ones have loaded the model
+        return Reply(503, {"status": "restarting", "model_version": self.pool.info.get("model_version"), "log": log,
+                           "pending": self.pool.pending, "spotify_imports": self.importing}, {"Retry-After": "2"})
     return Reply(200, {"status": "ok" if log["state"] != "degraded" else "degraded", "model_version": self.pool.info.get("model_version"),
                        "log": log, "pending": self.pool.pending, "spotify_imports": self.importing})
 

@@ -442,3 +442,61 @@ def test_a_new_champion_is_served_without_a_restart(served_project, tmp_path):
         assert status == 200 and {p["model_version"] for p in body["predictions"]} == {"msr-recommender v2"}, body
         assert "now serving msr-recommender v2" in (tmp_path / "server.log").read_text()
     finally: stop_server(proc)
+
+
+def test_a_dead_model_process_is_replaced_once_in_the_background(served_project, tmp_path):
+    """`kill -9` of one of two model processes with eight clients asking (issue 21, items 1 and 2): msr-serve starts new
+    model processes once, in the background, so /ping answers throughout; requests meanwhile get 503 with Retry-After
+    (never 500); then it answers again. If the model cannot be loaded at that moment (its file pulled away), it keeps
+    trying and answers again by itself once the file is back."""
+    import psutil
+    root = tmp_path / "project"
+    for d in ("data/processed", "data/models"): shutil.copytree(served_project / d, root / d)
+    for f in ("dvc.yaml", "params.yaml"): shutil.copy2(served_project / f, root / f)
+    env = {**served_env(served_project, tmp_path / "served.sqlite"), "MSR_PROJECT_DIR": str(root)}
+    port, log = free_port(), tmp_path / "server.log"
+    proc = start_server([str(BIN / "msr-serve"), "--port", str(port), "--workers", "2", "--rate", "0", "--model", "local"], root, env,
+                        f"http://127.0.0.1:{port}/ping", log)
+    url, body = f"http://127.0.0.1:{port}", {"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 10}]}
+
+    def model_processes():
+        return [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+
+    def answered_again(within: float):
+        deadline = time.monotonic() + within
+        while (status := call(url, body=body)[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline, (status, log.read_text()[-3000:])
+            time.sleep(0.5)
+
+    try:
+        assert call(url, body=body)[0] == 200 and len(model_processes()) == 2
+        with ThreadPoolExecutor(8) as clients:
+            asking = [clients.submit(lambda: [call(url, body=body)[:2] for _ in range(6)]) for _ in range(8)]
+            time.sleep(0.3)
+            model_processes()[0].kill()
+            while not all(f.done() for f in asking):  # the front is never blocked by the restart
+                assert call(url, "GET", "/ping", timeout=5)[0] == 200
+                time.sleep(0.2)
+            answers = [a for f in asking for a in f.result()]
+        assert {s for s, _ in answers} <= {200, 503} and any(s == 503 for s, _ in answers), answers
+        assert all(h.get("retry-after") for s, h in answers if s == 503)
+        answered_again(within=120)
+        assert log.read_text().count("starting new model processes") == 1, log.read_text()[-3000:]
+        assert call(url, "GET", "/health")[0] == 200
+
+        model = root / "data/models/recommender.pkl"
+        model.rename(tmp_path / "away.pkl")  # the next model processes cannot load it
+        model_processes()[0].kill()
+        deadline = time.monotonic() + 60
+        while "did not start" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            status, headers, _ = call(url, body=body)
+            assert status == 503 and headers.get("retry-after"), status
+            time.sleep(0.5)
+        status, headers, health = call(url, "GET", "/health")
+        assert status == 503 and health["status"] == "restarting", health
+        (tmp_path / "away.pkl").rename(model)
+        answered_again(within=120)
+        assert call(url, "GET", "/health")[2]["status"] == "ok"
+        assert "500" not in {str(s) for s, _ in answers} and "Traceback" not in log.read_text()
+    finally: stop_server(proc)
