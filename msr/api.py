@@ -17,7 +17,9 @@ import multiprocessing
 import os
 import re
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -311,8 +313,14 @@ class ModelProcess:
 _PROCESS: ModelProcess | None = None  # set in each model process by `_start_process`
 _FAILED: str | None = None  # why the model could not be loaded (an initializer that raises would break the whole pool)
 
+def _exit_with_parent(parent: int, every: float = 1.0):
+    "End this model process within `every` seconds of the front that started it (`kill -9` of the front leaves no orphan)."
+    while os.getppid() == parent: time.sleep(every)
+    os._exit(0)
+
 def _start_process(model_uri: str, monitor_db: str | None):
     global _PROCESS, _FAILED
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="msr-parent-watch").start()
     try: _PROCESS = ModelProcess(load_champion(model_uri), monitor=MonitorLog(monitor_db) if monitor_db else None)
     except Exception as e: _FAILED = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
 
@@ -592,13 +600,13 @@ async def _ping(self: Front, scope, headers, body) -> Reply: return Reply(200, "
 
 @patch
 async def _health(self: Front, scope, headers, body) -> Reply:
-    "The model version (503 while new model processes start), the monitoring log's state (ok / degraded with the reason / off) and what is in flight."
+    "The model version and state (restarting after a model process died), the monitoring log's state (ok / degraded with the reason / off) and what is in flight."
     log = {"state": "off"} if self.monitor is None else {k: v for k, v in self.monitor.health().items() if k != "path"}
-    if self.pool.restarting is not None:  # a model process died: no answers until new ones have loaded the model
-        return Reply(503, {"status": "restarting", "model_version": self.pool.info.get("model_version"), "log": log,
-                           "pending": self.pool.pending, "spotify_imports": self.importing}, {"Retry-After": "2"})
-    return Reply(200, {"status": "ok" if log["state"] != "degraded" else "degraded", "model_version": self.pool.info.get("model_version"),
-                       "log": log, "pending": self.pool.pending, "spotify_imports": self.importing})
+    model = ({"state": "restarting", "reason": "a model process died; new ones are loading the model (requests get 503 meanwhile)"}
+             if self.pool.restarting is not None else {"state": "ok"})
+    degraded = log["state"] == "degraded" or model["state"] != "ok"
+    return Reply(200, {"status": "degraded" if degraded else "ok", "model_version": self.pool.info.get("model_version"),
+                       "model": model, "log": log, "pending": self.pool.pending, "spotify_imports": self.importing})
 
 # %% ../nbs/13b_api.ipynb #f47cc69e
 @patch
@@ -816,6 +824,9 @@ def serve(settings: ServeSettings, model_uri: str = CHAMPION_URI):
         try: await uvicorn.Server(config).serve(sockets=[sock])
         finally:
             if watcher is not None: watcher.cancel()
+    # uvicorn stops gracefully on SIGTERM/SIGINT (requests in flight finish), then sends the signal again to the handler
+    # it found: with Python's default SIGTERM the process would die there, before the model processes are stopped
+    for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: None)
     try: asyncio.run(run())
     finally:
         front.pool.close(); front.spotify.shutdown(wait=False, cancel_futures=True)

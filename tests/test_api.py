@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -494,9 +495,41 @@ def test_a_dead_model_process_is_replaced_once_in_the_background(served_project,
             assert status == 503 and headers.get("retry-after"), status
             time.sleep(0.5)
         status, headers, health = call(url, "GET", "/health")
-        assert status == 503 and health["status"] == "restarting", health
+        assert status == 200 and health["status"] == "degraded" and health["model"]["state"] == "restarting", health
         (tmp_path / "away.pkl").rename(model)
         answered_again(within=120)
-        assert call(url, "GET", "/health")[2]["status"] == "ok"
+        assert call(url, "GET", "/health")[2]["model"] == {"state": "ok"}
         assert "500" not in {str(s) for s, _ in answers} and "Traceback" not in log.read_text()
     finally: stop_server(proc)
+
+
+def test_stopping_msr_serve_leaves_no_process(served_project, tmp_path):
+    """SIGTERM to msr-serve's main process alone (what a supervisor sends) ends it with its model processes and the
+    multiprocessing resource tracker, answering the requests already in flight; after `kill -9` of the main process
+    its model processes end by themselves within seconds (issue 21, item 11)."""
+    import psutil
+    root = tmp_path / "project"
+    for d in ("data/processed", "data/models"): shutil.copytree(served_project / d, root / d)
+    for f in ("dvc.yaml", "params.yaml"): shutil.copy2(served_project / f, root / f)
+    env = {**served_env(served_project, tmp_path / "served.sqlite"), "MSR_PROJECT_DIR": str(root)}
+    body = {"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 10}]}
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        port, log = free_port(), tmp_path / f"server-{how.name}.log"
+        proc = start_server([str(BIN / "msr-serve"), "--port", str(port), "--workers", "2", "--model", "local"], root, env,
+                            f"http://127.0.0.1:{port}/ping", log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            assert call(url, body=body)[0] == 200
+            family = psutil.Process(proc.pid).children(recursive=True)
+            assert len(family) == 3, family  # two model processes and the resource tracker
+            with ThreadPoolExecutor(4) as clients:
+                asking = [clients.submit(call, url, body=body) for _ in range(4)]
+                time.sleep(0.05)
+                os.kill(proc.pid, how)  # the main process only, not its group
+                answers = [f.result()[0] if not f.exception() else type(f.exception()).__name__ for f in asking]
+            if how == signal.SIGTERM:
+                assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+                assert set(answers) <= {200, "ConnectionRefusedError"}, answers  # begun: answered; after the signal: refused
+            gone, alive = psutil.wait_procs(family, timeout=15)
+            assert not alive, (how.name, alive)
+        finally: stop_server(proc)
