@@ -737,7 +737,8 @@ class MsrH11(H11Protocol):
 
     def connection_made(self, transport):
         super().connection_made(transport)
-        self._header_timer = None
+        self._header_timer, self._framing = None, None
+        self.conn.next_event = _framing_checked(self, self.conn.next_event)
         if len(self.connections) > self.max_connections:  # refused at once, before it can hold anything
             transport.write(raw_reply(503, "BUSY", f"msr-serve has {self.max_connections} open connections; try again shortly"))
             transport.close(); return
@@ -745,6 +746,19 @@ class MsrH11(H11Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._watch_headers()
+
+def _framing_checked(protocol: MsrH11, next_event):
+    """h11's `next_event`, refusing a request that carries both Content-Length and Transfer-Encoding: h11 frames it by
+    Transfer-Encoding, a proxy might by Content-Length; RFC 9112 §6.1 says to close the connection after it."""
+    def checked():
+        event = next_event()
+        if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}  # h11 gives lower-case names
+            if b"content-length" in names and b"transfer-encoding" in names:
+                protocol._framing = "it has both Content-Length and Transfer-Encoding"
+                raise h11.RemoteProtocolError(protocol._framing)
+        return event
+    return checked
 
 # %% ../nbs/13b_api.ipynb #d4e2b6a3
 @patch
@@ -775,7 +789,7 @@ def connection_lost(self: MsrH11, exc):
 
 @patch
 def send_400_response(self: MsrH11, msg: str):
-    self.transport.write(raw_reply(400, "BAD_REQUEST", f"the request is not valid HTTP/1.1: {msg[:100]}"))
+    self.transport.write(raw_reply(400, "BAD_REQUEST", f"the request is not valid HTTP/1.1: {(self._framing or msg)[:100]}"))
     self.transport.close()
 
 # %% ../nbs/13b_api.ipynb #3d5339c8

@@ -123,6 +123,13 @@ def test_http_refusals(msr_server, seeds):
         s.sendall(b"HELLO THERE\r\n\r\n")
         answer = s.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 400") and '"error_code": "BAD_REQUEST"' in answer, answer
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as s:  # smuggling (issue 21 item 8)
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096): answer += chunk  # until msr-serve closes the connection
+    assert answer.startswith(b"HTTP/1.1 400") and b"both Content-Length and Transfer-Encoding" in answer, answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the pipelined request is not answered: the connection was closed
     still_serving(url, seeds)
 
 
