@@ -143,18 +143,26 @@ class ApiKeys:
     def __init__(self, path: str | Path):
         self.path, self._mtime, self._by_digest, self._checked = Path(path), None, {}, 0.0
         self.entries: dict = {}
+        self.unsafe: str | None = None  # why the file is not trusted (others can write it)
         self._reload()
 
 # %% ../nbs/13b_api.ipynb #7368337c
 @patch
 def _reload(self: ApiKeys):
     "Read the file if it changed since the last read (at most once a second)."
-    try: mtime = self.path.stat().st_mtime_ns
-    except FileNotFoundError: mtime = None
+    try: st = self.path.stat()
+    except FileNotFoundError: st = None
+    mtime = (st.st_mtime_ns, st.st_mode) if st is not None else None
     if mtime == self._mtime: return
-    self.entries = json.loads(self.path.read_text())["keys"] if mtime is not None else {}
+    self._mtime, self.unsafe = mtime, None
+    if st is not None and st.st_mode & 0o022:  # others could add their own key: trust none of them (keys stay required)
+        self.unsafe = (f"the API keys file {self.path} can be written by other users (mode {oct(st.st_mode & 0o777)}): check its keys "
+                       f"(msr-keys list), then `chmod 600 {self.path}`")
+        logging.getLogger(__name__).error("msr: %s; no key is accepted until then", self.unsafe)
+        self.entries, self._by_digest = {}, {}
+        return
+    self.entries = json.loads(self.path.read_text())["keys"] if st is not None else {}
     self._by_digest = {e["sha256"]: name for name, e in self.entries.items()}
-    self._mtime = mtime
 
 @patch
 def refresh(self: ApiKeys):
@@ -169,7 +177,9 @@ def name_of(self: ApiKeys, key: str | None) -> str | None:
     return self._by_digest.get(_digest(key)) if key else None
 
 @patch(as_prop=True)
-def configured(self: ApiKeys) -> bool: return bool(self.entries)
+def configured(self: ApiKeys) -> bool:
+    "Whether keys are required: some exist, or the file is one others can write (then no key is accepted)."
+    return bool(self.entries) or self.unsafe is not None
 
 # %% ../nbs/13b_api.ipynb #e9dc7019
 @patch
@@ -184,6 +194,7 @@ def add(self: ApiKeys, name: str) -> str:
     "Make a key called `name`; returns the key (shown this once: only its digest is stored)."
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name): raise ValueError(f"a key name is 1-64 letters, digits or _.@-, got {quote(name)}")
     self._reload()
+    if self.unsafe: raise ValueError(self.unsafe)
     if name in self.entries: raise ValueError(f"a key called {name!r} exists: revoke it first")
     key = "msr_" + secrets.token_urlsafe(32)
     self.entries[name] = {"sha256": _digest(key), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -194,6 +205,7 @@ def add(self: ApiKeys, name: str) -> str:
 def revoke(self: ApiKeys, name: str):
     "Remove the key called `name`."
     self._reload()
+    if self.unsafe: raise ValueError(self.unsafe)
     if name not in self.entries: raise KeyError(f"no key called {name!r}")
     del self.entries[name]
     self._save()
@@ -205,10 +217,12 @@ def keys_main(command: Param("add NAME, list, or revoke NAME", str, choices=["ad
               path: Param("the keys file (default: params.yaml's serve.api_keys)", str) = None):
     "Manage the REST service's API keys (stored hashed; a new key is printed once)."
     keys = ApiKeys(path or project_root() / load_params(section="serve")["api_keys"])
-    if command == "list":
-        for n, e in sorted(keys.entries.items()): print(f"{n}\tcreated {e['created']}")
+    if command == "list":  # also when others can write the file: what is in it, to check before chmod
+        entries = json.loads(keys.path.read_text())["keys"] if keys.unsafe else keys.entries
+        for n, e in sorted(entries.items()): print(f"{n}\tcreated {e['created']}")
         return
     if not name: raise SystemExit(f"msr-keys {command} needs a NAME")
+    if keys.unsafe: raise SystemExit(f"msr-keys: {keys.unsafe}")
     if command == "add": print(keys.add(name))
     else: keys.revoke(name); print(f"revoked {name}")
 
@@ -820,6 +834,7 @@ def serve(settings: ServeSettings, model_uri: str = CHAMPION_URI):
     "Run the REST service until SIGINT/SIGTERM: model processes, the front and the monitoring log."
     import uvicorn
     keys = ApiKeys(settings.api_keys)
+    if keys.unsafe: raise ValueError(keys.unsafe)
     check_bind(settings, keys)
     listen(settings.host, settings.port).close()  # a port in use fails now, not after the models load
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by the model processes' OpenMP when they start

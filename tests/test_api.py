@@ -349,6 +349,12 @@ def test_off_loopback_needs_api_keys(served_project, tmp_path):
     p = subprocess.run([str(BIN / "msr-serve"), "--host", "0.0.0.0", "--port", str(free_port())], cwd=root, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "allowed_hosts" in p.stderr, p.stderr  # every address also needs the names clients use
+    os.chmod(root / "data/serve/api_keys.json", 0o666)  # others could add their own key (issue 21, item 3)
+    p = subprocess.run([str(BIN / "msr-serve"), "--port", str(free_port())], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "can be written by other users" in p.stderr and "chmod 600" in p.stderr, p.stderr
+    p = subprocess.run([str(BIN / "msr-keys"), "add", "eve"], cwd=root, env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "can be written by other users" in p.stderr, p.stderr
+    assert "eve" not in (root / "data/serve/api_keys.json").read_text()
 
 
 def test_make_dashboard_beside_a_keyed_service(strict_server, tmp_path):
