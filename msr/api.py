@@ -228,8 +228,9 @@ def keys_main(command: Param("add NAME, list, or revoke NAME", str, choices=["ad
 
 # %% ../nbs/13b_api.ipynb #cc2a7b3f
 class HubUsers:
-    "Whose JupyterHub API token a request carries, asked of the hub (`GET {api_url}/user`) and remembered for `ttl` seconds."
-    def __init__(self, api_url: str, ttl: float = 60.0, size: int = 10_000):
+    """Whose JupyterHub API token a request carries, asked of the hub (`GET {api_url}/user`) and remembered for `ttl` seconds:
+    a token the hub revokes (the desk's disable, a deleted token, a user no longer authorized) is refused within `ttl` s."""
+    def __init__(self, api_url: str, ttl: float = 5.0, size: int = 10_000):
         self.api_url, self.ttl, self.size = api_url.rstrip("/"), ttl, size
         self.cache: OrderedDict = OrderedDict()  # token digest -> (name or None, until)
 
@@ -243,11 +244,12 @@ def user_of(self: HubUsers, token: str | None) -> str | None:
     if hit and hit[1] > now: return hit[0]
     try:
         with urllib.request.urlopen(urllib.request.Request(f"{self.api_url}/user", headers={"Authorization": f"token {token}"}), timeout=5) as r:
-            name = json.load(r).get("name")
+            who = json.load(r)
+        name = who.get("name") if who.get("kind", "user") == "user" else None  # a service's token is not a person's key
     except urllib.error.HTTPError as e:
         if e.code not in (401, 403): return None  # the hub failing: refuse now, ask again next time
         name = None
-    except (OSError, ValueError): return None
+    except (OSError, ValueError, AttributeError): return None  # no hub answering, or not the hub's JSON
     self.cache[d] = (name, now + (self.ttl if name else 5.0))
     while len(self.cache) > self.size: self.cache.popitem(last=False)
     return name

@@ -41,9 +41,9 @@ from .pages import DashboardKernels
 __all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'MLFLOW_CLIENT_ENV',
            'DESK_SERVICE', 'DESK_SCOPES', 'private_dir', 'private_file', 'is_private', 'admin_password', 'LoginLimiter',
            'login_client', 'MsrLoginHandler', 'same_origin_only', 'AuthorizationPage', 'AdminPasswordPage',
-           'ApproveHandler', 'DiscardSignupHandler', 'AccountsAPI', 'AccountAPI', 'MsrAuthenticator', 'NoServers',
-           'HubIdentity', 'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner', 'service_command',
-           'proxy_command', 'service_env', 'desk_token', 'configure']
+           'end_sessions', 'ApproveHandler', 'DiscardSignupHandler', 'AccountsAPI', 'AccountAPI', 'MsrAuthenticator',
+           'NoServers', 'HubIdentity', 'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner',
+           'guard_kernel_shutdown', 'service_command', 'proxy_command', 'service_env', 'desk_token', 'configure']
 
 # %% ../nbs/18_hub.ipynb #7e12bed9
 def private_dir(path: str | Path) -> Path:
@@ -157,11 +157,26 @@ class AuthorizationPage(_LoginFirst, AuthorizationAreaHandler):
 class AdminPasswordPage(_LoginFirst, ChangePasswordAdminHandler):
     "NativeAuthenticator's page where an admin sets someone's password."
 
+def end_sessions(handler, user_name: str) -> int:
+    "Sign `user_name` out everywhere: their hub cookies stop working and their API tokens are deleted; how many tokens (not committed)."
+    user = handler.find_user(user_name)
+    if user is None: return 0
+    user.orm_user.cookie_id = new_token()  # their hub login cookies stop working
+    tokens = list(user.orm_user.api_tokens)
+    for token in tokens: handler.db.delete(token)
+    return len(tokens)
+
 class ApproveHandler(_LoginFirst, ToggleAuthorizationHandler):
-    "NativeAuthenticator's approve/unapprove toggle, only from the hub's authorization page."
+    "NativeAuthenticator's approve/unapprove toggle, only from the hub's authorization page; unapproving ends the person's sessions and tokens."
     async def get(self, slug):
         same_origin_only(self, self.hub.base_url + "authorize")
-        return await super().get(slug)
+        result = await super().get(slug)
+        info = UserInfo.find(self.db, slug)
+        if info is not None and not info.is_authorized:  # as the desk's disable: not only their next login is refused
+            revoked = end_sessions(self, slug)
+            self.db.commit()
+            self.log.info("msr hub: unauthorized %s on the authorization page (%d tokens revoked)", slug, revoked)
+        return result
 
 class DiscardSignupHandler(_LoginFirst, DiscardHandler):
     "NativeAuthenticator's discard of an unapproved signup, only from the hub's authorization page."
@@ -190,12 +205,8 @@ class AccountAPI(APIHandler):
         if not isinstance(body.get("approved"), bool): raise web.HTTPError(400, 'send {"approved": true} or {"approved": false}')
         info = UserInfo.find(self.db, user_name)
         if info is None: raise web.HTTPError(404, f"nobody signed up as {user_name}")
-        info.is_authorized, revoked = body["approved"], 0
-        user = self.find_user(user_name)
-        if user is not None and not body["approved"]:
-            user.orm_user.cookie_id = new_token()  # their hub login cookies stop working
-            for token in list(user.orm_user.api_tokens):
-                self.db.delete(token); revoked += 1
+        info.is_authorized = body["approved"]
+        revoked = 0 if body["approved"] else end_sessions(self, user_name)
         self.db.commit()
         self.log.info("msr hub: %s %s (%d tokens revoked)", "approved" if info.is_authorized else "disabled", user_name, revoked)
         self.write(json.dumps({"name": user_name, "approved": bool(info.is_authorized), "tokens_revoked": revoked}))
@@ -245,6 +256,10 @@ class NoServers(Spawner):
 # %% ../nbs/18_hub.ipynb #bcc85aff
 class HubIdentity(JupyterHubIdentityProvider):
     "JupyterHub's identity provider for voila, its OAuth callback and logout under the service's prefix (voila 0.5 mounts them at /)."
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        guard_kernel_shutdown()  # in voila's process, which makes this provider before it serves anything
+
     def get_handlers(self):
         prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"]
         return [(url_path_join(prefix, path), *rest) for path, *rest in super().get_handlers()]
@@ -306,6 +321,22 @@ class KernelOwner(JupyterHubAuthorizer):
         handler.log.warning("msr dashboard: %s was refused kernel %s (not their page's)", name, kernel_id)
         return False
 
+def guard_kernel_shutdown():
+    """Make voila's kernel-shutdown route (`POST …/voila/api/shutdown/<kernel>`, which a page sends when it closes) check,
+    as the kernel websocket does through `KernelOwner`, that the kernel is the asking hub user's page's: voila's handler
+    only checks that someone is signed in."""
+    from voila.shutdown_kernel_handler import VoilaShutdownKernelHandler
+    if getattr(VoilaShutdownKernelHandler.post, "msr_guarded", False): return
+    unguarded = VoilaShutdownKernelHandler.post
+    async def post(self, kernel_id):
+        name = getattr(self.current_user, "username", None)
+        if not may_use_kernel(getattr(self.kernel_manager, "owners", {}), kernel_id, "kernels", name):
+            self.log.warning("msr dashboard: %s was refused the shutdown of kernel %s (not their page's)", name, kernel_id)
+            raise web.HTTPError(403, "not your page's kernel")
+        return await unguarded(self, kernel_id)
+    post.msr_guarded = True
+    VoilaShutdownKernelHandler.post = post
+
 # %% ../nbs/18_hub.ipynb #a8b4d118
 CODE = Path(msr.__file__).resolve().parents[1]  # the checkout msr runs from (its notebooks, its .hub/)
 DASHBOARD_NOTEBOOK = CODE / "nbs" / "dashboard.ipynb"  # what the service serves
@@ -317,6 +348,7 @@ def service_command(name: str,  # the service's name: it is served at /services/
     return [str(Path(sys.executable).parent / "voila"), str(DASHBOARD_NOTEBOOK), "--no-browser", "--strip_sources=True",
             "--Voila.ip=127.0.0.1", f"--port={port}", f"--Voila.base_url=/services/{name}/", "--Voila.auto_token=True",
             "--Voila.identity_provider_class=msr.hub.HubIdentity",
+            "--HubOAuth.cache_max_age=5",  # a person the hub signs out (disabled, unauthorized) is refused new pages within 5 s, not 300
             "--Voila.authorizer_class=msr.hub.KernelOwner",
             "--VoilaConfiguration.multi_kernel_manager_class=msr.hub.HubKernels"]
 

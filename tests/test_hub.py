@@ -21,8 +21,9 @@ from conftest import BIN, ROOT, copy_project, free_port, served_env, set_params,
 from msr.hub import PROXY, proxy_command
 
 SCREENSHOTS = ROOT / "outputs" / "screenshots"
-ADMIN, USER, STRANGER = "boss", "ada", "eve"
-PASSWORDS = {ADMIN: secrets.token_urlsafe(16), USER: "ada's long password 1", STRANGER: "eve's long password 2"}
+ADMIN, USER, STRANGER, LEAVER = "boss", "ada", "eve", "zoe"
+PASSWORDS = {ADMIN: secrets.token_urlsafe(16), USER: "ada's long password 1", STRANGER: "eve's long password 2",
+             LEAVER: "zoe's long password 3"}
 FAILS = 3  # hub.allowed_failed_logins of this module's hub
 
 skip_without_browser()
@@ -319,6 +320,14 @@ FORGE = """async ([kernel, model]) => {
 }"""
 
 
+SHUTDOWN = """async kernel => {
+  const xsrf = (document.cookie.match(/(?:^|; )_xsrf=([^;]*)/) || [])[1];
+  const r = await fetch('/services/dashboard/voila/api/shutdown/' + kernel,
+                        {method: 'POST', headers: xsrf ? {'X-XSRFToken': decodeURIComponent(xsrf)} : {}});
+  return r.status;
+}"""
+
+
 def audit_log(hub: Hub) -> list[dict]:
     path = hub.project / "data/desk/audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -384,6 +393,8 @@ def test_admin_desk(hub, admin, browser, capsys):
         cy_kernel = kernel_and_model(cy_seen, "msr-go")[0]
         assert cy.evaluate(FORGE, [cy_kernel, promote_model[1]]) == "sent"  # her own kernel: no such widget
         assert cy.evaluate(FORGE, promote_model) == "refused"  # the admin's kernel: not hers (msr.hub.KernelOwner)
+        assert cy.evaluate(SHUTDOWN, promote_model[0]) == 403  # nor may she end it (issue 21, item 12)
+        assert cy.evaluate(SHUTDOWN, cy_kernel) == 204  # her own page's kernel: as the page does when it closes
     finally: cy.context.close()
     time.sleep(1)
     assert registry(hub) == champion_before and len(audit_log(hub)) == rows_before
@@ -483,6 +494,69 @@ def test_cross_site_approval_is_refused(hub, admin, browser, http_server):
     assert authorized(hub, STRANGER) is None
 
 
+@pytest.fixture(scope="module")
+def hub_rest(hub, served_project, tmp_path_factory):
+    "msr-serve beside the hub (serve.hub_api_url), whose people's hub API tokens work as API keys: (url, monitoring log, server log)."
+    logs = tmp_path_factory.mktemp("hub-rest")
+    port, db = free_port(), logs / "served.sqlite"
+    proc = start_server([str(BIN / "msr-serve"), "--port", str(port), "--hub", f"{hub.url}/hub/api"], served_project,
+                        served_env(served_project, db), f"tcp://127.0.0.1:{port}", logs / "serve.log")
+    try: yield f"http://127.0.0.1:{port}", db, logs / "serve.log"
+    finally: stop_hub(proc)
+
+
+def hub_token(hub: Hub, name: str) -> str:
+    "A hub API token for `name`, asked with their password, as a script gets one."
+    request = urllib.request.Request(f"{hub.url}/hub/api/users/{name}/tokens", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"auth": {"username": name, "password": PASSWORDS[name]},
+                                                      "note": "msr REST", "expires_in": 600}).encode())
+    with urllib.request.urlopen(request, timeout=30) as r: return json.load(r)["token"]
+
+
+def test_unauthorizing_on_the_hub_page_ends_sessions_and_tokens(hub, browser, admin, hub_rest, served_project):
+    """The stock toggle on /hub/authorize, like the desk's disable, signs the person out everywhere: their cookie and
+    their API token stop working at the hub at once, and msr-serve refuses the token within its 5 s cache (issue 21,
+    items 4 and 5). Service tokens (the desk's, the dashboard's) are not people's keys at msr-serve."""
+    from test_api import call
+    from test_serve import playlist_seeds
+    url, _, _ = hub_rest
+    body = {"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 3}]}
+    assert "sent to the admin" in sign_up(browser, hub, LEAVER)
+    admin.goto(f"{hub.url}/hub/authorize")
+    admin.click(f"tr#{LEAVER} a:has-text('Authorize')")
+    admin.wait_for_selector(f"tr#{LEAVER}.success")
+    page = new_page(browser)
+    try:
+        log_in(page, hub, LEAVER)
+        page.wait_for_selector(".msr-go", timeout=60_000)
+        token = hub_token(hub, LEAVER)
+        assert fetch(f"{hub.url}/hub/api/user", {"Authorization": f"token {token}"})[0] == 200
+        assert call(url, body=body, headers={"Authorization": f"token {token}"})[0] == 200
+        admin.goto(f"{hub.url}/hub/authorize")
+        admin.click(f"tr#{LEAVER} a:has-text('Unauthorize')")
+        admin.wait_for_selector(f"tr#{LEAVER}:not(.success)")
+        t0 = time.monotonic()
+        assert authorized(hub, LEAVER) is False
+        assert fetch(f"{hub.url}/hub/api/user", {"Authorization": f"token {token}"})[0] in (401, 403)
+        page.goto(f"{hub.url}/hub/home")
+        assert "/hub/login" in page.url  # their hub cookie no longer works
+        while (status := call(url, body=body, headers={"Authorization": f"token {token}"})[0]) == 200:
+            assert time.monotonic() - t0 < 6.5, "msr-serve still answers a revoked token"
+            time.sleep(0.25)
+        assert status == 401
+        while True:  # nor, once the dashboard's 5 s cache of the hub's answer has passed, their dashboard cookie
+            page.goto(f"{hub.url}/services/dashboard/")
+            if "/hub/login" in page.url: break
+            assert time.monotonic() - t0 < 8, "the dashboard still opens for a person the hub signed out"
+            time.sleep(0.5)
+        assert page.locator(".msr-go").count() == 0
+    finally: page.context.close()
+    for service_token in ((hub.state / "desk-token").read_text().strip(), hub.processes()["voila"].environ()["JUPYTERHUB_API_TOKEN"]):
+        assert fetch(f"{hub.url}/hub/api/user", {"Authorization": f"token {service_token}"})[0] == 200  # valid at the hub
+        status, _, answer = call(url, body=body, headers={"Authorization": f"token {service_token}"})
+        assert status == 401, answer
+
+
 def test_lockout_after_failed_logins(hub, browser):
     page = new_page(browser)
     try:
@@ -511,28 +585,19 @@ def test_login_rate_limit(hub, browser):
     finally: page.context.close()
 
 
-def test_rest_takes_a_users_hub_token(hub, served_project, tmp_path):
+def test_rest_takes_a_users_hub_token(hub, hub_rest, served_project):
     """msr-serve beside the hub (serve.hub_api_url): a person's hub API token works as an API key, and their answers are
     rate-limited and logged under their name; with a hub configured, a request with no key or a wrong one is refused."""
-    import json
     from test_api import call
-    request = urllib.request.Request(f"{hub.url}/hub/api/users/{ADMIN}/tokens", method="POST", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"auth": {"username": ADMIN, "password": PASSWORDS[ADMIN]},  # as a script gets one
-                                                      "note": "msr REST", "expires_in": 600}).encode())
-    with urllib.request.urlopen(request, timeout=30) as r: token = json.load(r)["token"]
-    port, db = free_port(), tmp_path / "served.sqlite"
-    proc = start_server([str(BIN / "msr-serve"), "--port", str(port), "--hub", f"{hub.url}/hub/api"], served_project,
-                        served_env(served_project, db), f"tcp://127.0.0.1:{port}", tmp_path / "serve.log")
-    try:
-        url = f"http://127.0.0.1:{port}"
-        from test_serve import logged, playlist_seeds
-        body = {"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 3}]}
-        for headers in ({}, {"Authorization": "token not-a-hub-token"}):
-            status, _, answer = call(url, body=body, headers=headers)
-            assert status == 401 and "JupyterHub API token" in answer["message"], answer
-        status, _, answer = call(url, body=body, headers={"Authorization": f"token {token}"})
-        assert status == 200 and len(answer["predictions"]) == 3, answer
-        assert call(url, body=body, headers={"Authorization": f"Bearer {token}"})[0] == 200
-        assert logged(db, at_least=2)["client"].tolist() == [ADMIN, ADMIN]
-        assert token not in (tmp_path / "serve.log").read_text()
-    finally: stop_hub(proc)
+    from test_serve import logged, playlist_seeds
+    url, db, log = hub_rest
+    token, before = hub_token(hub, ADMIN), len(logged(db))
+    body = {"dataframe_records": [{"seeds": playlist_seeds(served_project)[0], "k": 3}]}
+    for headers in ({}, {"Authorization": "token not-a-hub-token"}):
+        status, _, answer = call(url, body=body, headers=headers)
+        assert status == 401 and "JupyterHub API token" in answer["message"], answer
+    status, _, answer = call(url, body=body, headers={"Authorization": f"token {token}"})
+    assert status == 200 and len(answer["predictions"]) == 3, answer
+    assert call(url, body=body, headers={"Authorization": f"Bearer {token}"})[0] == 200
+    assert logged(db, at_least=before + 2)["client"].tolist()[before:] == [ADMIN, ADMIN]
+    assert token not in log.read_text()
