@@ -65,6 +65,7 @@ def _build(self: AdminDesk):
     self.account_pick = W.Dropdown(options=[], description="Account", layout=lay).add_class("msr-account-pick")
     self.approve = W.Button(description="Approve", icon="check").add_class("msr-approve")
     self.disable = W.Button(description="Disable", icon="ban", button_style="danger").add_class("msr-disable")
+    self.unlock = W.Button(description="Unlock", icon="unlock").add_class("msr-unlock")
     self.make_admin = W.Button(description="Make admin", icon="user-plus").add_class("msr-make-admin")
     self.remove_admin = W.Button(description="Remove admin", icon="user-times").add_class("msr-remove-admin")
     self.audit_log = W.HTML().add_class("msr-audit")
@@ -72,7 +73,7 @@ def _build(self: AdminDesk):
     self.widget = W.VBox([W.HBox([self.refresh, self.status]),
                           h("Model versions"), self.versions, self.version_pick, self.reason, W.HBox([self.promote, self.rollback]),
                           h("Retrain"), self.retrain, self.retrain_state, self.retrain_log,
-                          h("Accounts"), self.accounts, self.account_pick, W.HBox([self.approve, self.disable, self.make_admin, self.remove_admin]),
+                          h("Accounts"), self.accounts, self.account_pick, W.HBox([self.approve, self.disable, self.unlock, self.make_admin, self.remove_admin]),
                           h("Audit log"), self.audit_log]).add_class("msr-admin")
     self._wire()
 
@@ -105,7 +106,7 @@ def _wire(self: AdminDesk):
     self.promote.on_click(guarded("promote", lambda: self.move("promote")))
     self.rollback.on_click(guarded("rollback", lambda: self.move("rollback")))
     self.retrain.on_click(guarded("retrain", self.start_retrain))
-    for button, action in ((self.approve, "approve"), (self.disable, "disable"), (self.make_admin, "make-admin"),
+    for button, action in ((self.approve, "approve"), (self.disable, "disable"), (self.unlock, "unlock"), (self.make_admin, "make-admin"),
                            (self.remove_admin, "remove-admin")):
         button.on_click(guarded(action, lambda a=action: self.account(a)))
 
@@ -151,7 +152,7 @@ def show_accounts(self: AdminDesk) -> list[dict]:
     accounts = self._read("accounts", "accounts", self.accounts)
     if accounts is None: return []
     rows = [{**r, "groups": ", ".join(r["groups"])} for r in accounts]
-    self.accounts.value = _table(rows, ["name", "approved", "groups"], "msr-account")
+    self.accounts.value = _table(rows, ["name", "approved", "locked", "groups"], "msr-account")
     _pick(self.account_pick, [(r["name"], r["name"]) for r in rows])
     return accounts
 
@@ -193,7 +194,7 @@ def move(self: AdminDesk, action: str) -> dict:
 
 @patch
 def account(self: AdminDesk, action: str) -> dict:
-    "Approve, disable, make admin or remove admin the picked account."
+    "Approve, disable, unlock, make admin or remove admin the picked account."
     name = self.account_pick.value
     if not name: self._say("pick an account first", error=True); return {}
     a = self.run([action, name], self.user.name)

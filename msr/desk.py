@@ -136,6 +136,11 @@ def set_approved(self: Hub, name: str, approved: bool) -> dict:
     return self.call("POST", f"/msr/accounts/{urllib.parse.quote(name, safe='')}", {"approved": approved})
 
 @patch
+def unlock(self: Hub, name: str) -> dict:
+    "Forget `name`'s failed logins from every address (a name locked from somewhere can log in there again)."
+    return self.call("POST", f"/msr/accounts/{urllib.parse.quote(name, safe='')}", {"unlock": True})
+
+@patch
 def set_admin(self: Hub, name: str, admin: bool) -> None:
     "Put `name` in the admin group, or take them out."
     self.call("POST" if admin else "DELETE", f"/groups/{urllib.parse.quote(self.admin_group, safe='')}/users", {"users": [name]})
@@ -263,7 +268,7 @@ def run_retrain(by: str, root: str | Path | None = None, answer=print) -> int:
         return rc
 
 # %% ../nbs/19_desk.ipynb #131ca1df
-ACTIONS = {"promote", "rollback", "retrain", "approve", "disable", "make-admin", "remove-admin"}  # audited; the rest only read
+ACTIONS = {"promote", "rollback", "retrain", "approve", "disable", "unlock", "make-admin", "remove-admin"}  # audited; the rest only read
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msr-desk", description="msr's admin desk: registry, retrain, accounts, audit (JSON out)")
@@ -275,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"{name}: move the champion alias to VERSION")
         s.add_argument("version", type=int); s.add_argument("--by", required=True); s.add_argument("--reason", required=True)
     sub.add_parser("retrain", help="start params.yaml's desk.retrain (one at a time)").add_argument("--by", required=True)
-    for name in ("approve", "disable", "make-admin", "remove-admin"):
+    for name in ("approve", "disable", "unlock", "make-admin", "remove-admin"):
         s = sub.add_parser(name, help=f"{name} a hub user"); s.add_argument("user"); s.add_argument("--by", required=True)
     return p
 
@@ -289,6 +294,7 @@ def _act(a, root: Path, hub: Hub) -> dict:
     if a.command == "accounts": return {"accounts": hub.accounts()}
     if a.command in ("promote", "rollback"): return move_champion(a.version, a.by, a.reason, a.command == "rollback")
     if a.command == "approve": return hub.set_approved(a.user, True)
+    if a.command == "unlock": return hub.unlock(a.user)
     if a.command == "disable":  # and out of the admins: an admin page they still have open is refused at its next click
         if a.user == a.by: raise Refused("you cannot disable yourself")
         was_admin = hub.is_admin(a.user)

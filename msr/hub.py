@@ -5,6 +5,7 @@
 # %% ../nbs/18_hub.ipynb #00506247
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -24,9 +25,12 @@ from jupyterhub.scopes import needs_scope
 from jupyterhub.singleuser.extension import JupyterHubAuthorizer, JupyterHubIdentityProvider
 from jupyterhub.utils import new_token
 from jupyterhub.spawner import Spawner
+import bcrypt
+import nativeauthenticator.nativeauthenticator
+import nativeauthenticator.orm
 from nativeauthenticator import NativeAuthenticator
 from nativeauthenticator.orm import UserInfo
-from nativeauthenticator.handlers import (AuthorizationAreaHandler, ChangePasswordAdminHandler, DiscardHandler, LoginHandler,
+from nativeauthenticator.handlers import (AuthorizationAreaHandler, ChangePasswordAdminHandler, DiscardHandler, LoginHandler, SignUpHandler,
                                           ToggleAuthorizationHandler)
 from tornado import web
 from tornado.httputil import url_concat
@@ -40,10 +44,11 @@ from .pages import DashboardKernels
 # %% auto #0
 __all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'MLFLOW_CLIENT_ENV',
            'DESK_SERVICE', 'DESK_SCOPES', 'private_dir', 'private_file', 'is_private', 'admin_password', 'LoginLimiter',
-           'login_client', 'MsrLoginHandler', 'same_origin_only', 'AuthorizationPage', 'AdminPasswordPage',
-           'end_sessions', 'ApproveHandler', 'DiscardSignupHandler', 'AccountsAPI', 'AccountAPI', 'MsrAuthenticator',
-           'NoServers', 'HubIdentity', 'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner',
-           'guard_kernel_shutdown', 'service_command', 'proxy_command', 'service_env', 'desk_token', 'configure']
+           'connection_pid', 'from_proxy', 'login_client', 'MsrLoginHandler', 'MsrSignUpHandler', 'same_origin_only',
+           'AuthorizationPage', 'AdminPasswordPage', 'end_sessions', 'ApproveHandler', 'DiscardSignupHandler',
+           'AccountsAPI', 'AccountAPI', 'OffLoopHashes', 'MsrAuthenticator', 'NoServers', 'guard_kernel_shutdown',
+           'HubIdentity', 'user_env', 'kernel_env', 'HubKernels', 'may_use_kernel', 'KernelOwner', 'service_command',
+           'proxy_command', 'service_env', 'desk_token', 'configure']
 
 # %% ../nbs/18_hub.ipynb #7e12bed9
 def private_dir(path: str | Path) -> Path:
@@ -109,9 +114,32 @@ class LoginLimiter:
         self.buckets[client] = (tokens, now)
         return (1 - tokens) / self.rate
 
-def login_client(request) -> str:
-    "Who is trying to log in: the last `X-Forwarded-For` entry (appended by the proxy), else the peer's address."
-    return request.headers.get("X-Forwarded-For", "").split(",")[-1].strip() or request.remote_ip
+def connection_pid(peer: tuple, local_port: int) -> int | None:
+    "The process holding the client end (`peer`, connected to our `local_port`) of a loopback TCP connection (None: not ours to see)."
+    import psutil
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.laddr and conn.raddr and (conn.laddr.ip, conn.laddr.port) == peer[:2] and conn.raddr.port == local_port: return conn.pid
+    return None
+
+def _socket(handler):
+    "The request's TCP socket (None when there is none to see)."
+    return getattr(getattr(getattr(handler.request, "connection", None), "stream", None), "socket", None)
+
+def from_proxy(handler) -> bool:
+    """Whether a request reached the hub through its own proxy, the one process whose `X-Forwarded-For` counts: the hub's port
+    is on loopback, where any local process could connect and name any address."""
+    proc, sock = getattr(getattr(handler, "proxy", None), "proxy_process", None), _socket(handler)
+    if proc is None or sock is None: return False
+    try: return connection_pid(sock.getpeername(), sock.getsockname()[1]) == proc.pid
+    except OSError: return False
+
+def login_client(handler, trust=from_proxy) -> str:
+    """Who is trying to log in: the last `X-Forwarded-For` entry (appended by the proxy) when the proxy sent it, else the
+    socket's peer (not `request.remote_ip`: the hub's server takes that from `X-Forwarded-For` whoever sent it)."""
+    forwarded = handler.request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+    if forwarded and trust(handler): return forwarded
+    try: return _socket(handler).getpeername()[0]
+    except (AttributeError, OSError): return handler.request.remote_ip
 
 # %% ../nbs/18_hub.ipynb #791464dd
 class MsrLoginHandler(LoginHandler):
@@ -124,15 +152,42 @@ class MsrLoginHandler(LoginHandler):
 
     async def post(self):
         auth = self.authenticator
-        wait = auth.limiter.wait(login_client(self.request))
+        client = login_client(self)
+        wait = auth.limiter.wait(client)
         if wait:
             self.set_header("Retry-After", str(math.ceil(wait)))
             return await self._refuse(429, f"Too many login attempts from your address: try again in {math.ceil(wait)} seconds.")
         name = auth.normalize_username(self.get_body_argument("username", "", strip=True))
-        if auth.allowed_failed_logins and auth.is_blocked(name):
-            left = auth.seconds_before_next_try - (time.time() - auth.login_attempts[name]["time"].timestamp())
-            return await self._refuse(403, f"Too many failed logins for this name: it is locked for {max(1, math.ceil(left))} more seconds.", name)
+        key = auth.attempts_key(name, client)
+        if auth.allowed_failed_logins and NativeAuthenticator.is_blocked(auth, key):
+            left = auth.seconds_before_next_try - (time.time() - auth.login_attempts[key]["time"].timestamp())
+            return await self._refuse(403, f"Too many failed logins for this name from your address: it is locked here for {max(1, math.ceil(left))} more seconds (an admin can unlock it).", name)
         return await super().post()
+
+class MsrSignUpHandler(SignUpHandler):
+    """NativeAuthenticator's signup page with a rate limit per client (`hub.signup_rate` a minute, `hub.signup_burst` at once),
+    a cap on the signups that await approval (`hub.max_pending_signups`), and the password hashed off the event loop."""
+    async def _refuse(self, status: int, message: str):
+        self.set_status(status)
+        html = await self.render_template("signup.html", ask_email=self.authenticator.ask_email_on_signup,
+                                          two_factor_auth=self.authenticator.allow_2fa, recaptcha_key=self.authenticator.recaptcha_key,
+                                          tos=self.authenticator.tos, alert="alert-danger", result_message=message)
+        self.finish(html)
+
+    async def post(self):
+        auth = self.authenticator
+        wait = auth.signup_limiter.wait(login_client(self))
+        if wait:
+            self.set_header("Retry-After", str(math.ceil(wait)))
+            return await self._refuse(429, f"Too many signups from your address: try again in {math.ceil(wait)} seconds.")
+        pending = self.db.query(UserInfo).filter(UserInfo.is_authorized == False).count()  # noqa: E712 (SQL, not Python)
+        if pending >= auth.max_pending_signups:
+            self.set_header("Retry-After", "3600")
+            return await self._refuse(503, f"{pending} signups already await the admin's approval: please try again later.")
+        password = self.get_body_argument("signup_password", "", strip=False)
+        if password: await auth.hashes.prepare(password)  # bcrypt in a thread: the hub goes on answering everyone else
+        try: return await super().post()
+        finally: auth.hashes.forget(password)
 
 # %% ../nbs/18_hub.ipynb #414f1914
 def same_origin_only(handler, page: str):
@@ -192,19 +247,25 @@ class AccountsAPI(APIHandler):
         users = {u.name: u for u in self.db.query(orm.User)}
         rows = [{"name": i.username, "approved": bool(i.is_authorized), "hub_user": i.username in users,
                  "admin": bool(users[i.username].admin) if i.username in users else False,
-                 "groups": sorted(g.name for g in users[i.username].groups) if i.username in users else []}
+                 "groups": sorted(g.name for g in users[i.username].groups) if i.username in users else [],
+                 "locked": bool(self.authenticator.locked_from(i.username))}
                 for i in self.db.query(UserInfo).order_by(UserInfo.username)]
         self.write(json.dumps({"accounts": rows}))
 
 # %% ../nbs/18_hub.ipynb #3d13028e
 class AccountAPI(APIHandler):
-    "`POST /hub/api/msr/accounts/<name>` with `{\"approved\": bool}`: approve a signup, or disable an account."
+    "`POST /hub/api/msr/accounts/<name>` with `{\"approved\": bool}` (approve a signup, or disable an account) or `{\"unlock\": true}`."
     @needs_scope("admin:users")
     def post(self, user_name: str):
         body = self.get_json_body() or {}
-        if not isinstance(body.get("approved"), bool): raise web.HTTPError(400, 'send {"approved": true} or {"approved": false}')
         info = UserInfo.find(self.db, user_name)
         if info is None: raise web.HTTPError(404, f"nobody signed up as {user_name}")
+        if body == {"unlock": True}:  # their failed logins forgotten, from every address
+            n = self.authenticator.unlock(user_name)
+            self.log.info("msr hub: unlocked %s (failed logins from %d addresses forgotten)", user_name, n)
+            return self.write(json.dumps({"name": user_name, "unlocked": n}))
+        if not isinstance(body.get("approved"), bool):
+            raise web.HTTPError(400, 'send {"approved": true}, {"approved": false} or {"unlock": true}')
         info.is_authorized = body["approved"]
         revoked = 0 if body["approved"] else end_sessions(self, user_name)
         self.db.commit()
@@ -212,23 +273,99 @@ class AccountAPI(APIHandler):
         self.write(json.dumps({"name": user_name, "approved": bool(info.is_authorized), "tokens_revoked": revoked}))
 
 # %% ../nbs/18_hub.ipynb #2e78b0ca
+class OffLoopHashes:
+    """bcrypt for NativeAuthenticator, which hashes a signup's password and checks a login's on the hub's event loop (about
+    0.3 s each, during which nobody else is answered): `prepare` (a signup) and `check` (a login) do the work in a thread first,
+    and NativeAuthenticator's own `bcrypt.hashpw` call, made right after on the loop, takes that result instead."""
+    def __init__(self): self._fresh, self._checked = {}, {}
+
+    async def prepare(self, password: str):
+        "Hash a signup's password in a thread: NativeAuthenticator's next hashpw of it with a fresh salt takes this hash."
+        self._fresh[password.encode()] = await asyncio.to_thread(bcrypt.hashpw, password.encode(), bcrypt.gensalt())
+
+    async def check(self, password: str, stored: bytes):
+        "Hash a login's password with the stored hash as salt in a thread (what `UserInfo.is_valid_password` compares)."
+        key = (password.encode(), bytes(stored))
+        self._checked[key] = await asyncio.to_thread(bcrypt.hashpw, *key)
+
+    def forget(self, password: str):
+        "Drop what was prepared for `password` and not used (a signup or login refused before its hash was needed)."
+        pw = password.encode()
+        self._fresh.pop(pw, None)
+        for key in [k for k in self._checked if k[0] == pw]: del self._checked[key]
+
+    def hashpw(self, password: bytes, salt: bytes) -> bytes:
+        found = self._checked.pop((password, bytes(salt)), None)  # a login's check
+        if found is None and len(salt) == 29: found = self._fresh.pop(password, None)  # a fresh gensalt(): a signup
+        return found or bcrypt.hashpw(password, salt)
+
+    def __getattr__(self, name): return getattr(bcrypt, name)  # gensalt and the rest: bcrypt's own
+
 class MsrAuthenticator(NativeAuthenticator):
     "NativeAuthenticator with msr's login, approve and discard handlers, the desk's account API, a login rate limit, and the first admin made at start."
     state_dir = Unicode(config=True, help="the hub's state folder (a generated admin password is written there)")
     admin_password = Unicode(config=True, help="the first admin's password, when MSR_HUB_ADMIN_PASSWORD gave one")
     login_rate = Float(config=True, help="login attempts a client may make a minute")
     login_burst = Integer(config=True, help="login attempts a client may make at once")
+    signup_rate = Float(6.0, config=True, help="signups a client may make a minute")
+    signup_burst = Integer(3, config=True, help="signups a client may make at once")
+    max_pending_signups = Integer(50, config=True, help="signups that may await approval; past it, signing up is refused")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.limiter = LoginLimiter(self.login_rate, self.login_burst)
+        self.signup_limiter = LoginLimiter(self.signup_rate, self.signup_burst)
+        self.hashes = OffLoopHashes()
+        nativeauthenticator.nativeauthenticator.bcrypt = nativeauthenticator.orm.bcrypt = self.hashes  # their bcrypt calls
         self.make_first_admin()
 
     def get_handlers(self, app):
-        ours = {LoginHandler: MsrLoginHandler, ToggleAuthorizationHandler: ApproveHandler, DiscardHandler: DiscardSignupHandler,
+        ours = {LoginHandler: MsrLoginHandler, SignUpHandler: MsrSignUpHandler, ToggleAuthorizationHandler: ApproveHandler, DiscardHandler: DiscardSignupHandler,
                 AuthorizationAreaHandler: AuthorizationPage, ChangePasswordAdminHandler: AdminPasswordPage}
         return [(path, ours.get(handler, handler)) for path, handler in super().get_handlers(app)] + [
             (r"/api/msr/accounts", AccountsAPI), (r"/api/msr/accounts/([^/]+)", AccountAPI)]
+
+_login_from: ContextVar[str] = ContextVar("msr_login_from", default="?")  # the client of the login being checked
+
+@patch
+async def authenticate(self: MsrAuthenticator, handler, data):
+    "NativeAuthenticator's check, failed logins counted per (name, client), its bcrypt done in a thread first (`OffLoopHashes`)."
+    user = self.get_user(data.get("username", ""))
+    if user is not None and user.password and isinstance(data.get("password"), str):
+        await self.hashes.check(data["password"], user.password)
+    client = _login_from.set(login_client(handler) if getattr(handler, "request", None) is not None else "?")
+    try: return await NativeAuthenticator.authenticate(self, handler, data)
+    finally:
+        _login_from.reset(client)
+        if isinstance(data.get("password"), str): self.hashes.forget(data["password"])
+
+# NativeAuthenticator counts failed logins per name: anyone could lock anyone out, the admin included. msr counts them per
+# (name, client): five wrong passwords from one address lock the name there only, and the owner elsewhere still gets in.
+@patch
+def attempts_key(self: MsrAuthenticator, username: str, client: str | None = None) -> str:
+    return f"{username} from {client or _login_from.get()}"
+
+@patch
+def add_login_attempt(self: MsrAuthenticator, username): NativeAuthenticator.add_login_attempt(self, self.attempts_key(username))
+
+@patch
+def is_blocked(self: MsrAuthenticator, username): return NativeAuthenticator.is_blocked(self, self.attempts_key(username))
+
+@patch
+def successful_login(self: MsrAuthenticator, username): NativeAuthenticator.successful_login(self, self.attempts_key(username))
+
+@patch
+def locked_from(self: MsrAuthenticator, username: str) -> list[str]:
+    "The clients from which `username` is locked now."
+    prefix = f"{username} from "
+    return [k[len(prefix):] for k in list(self.login_attempts) if k.startswith(prefix) and NativeAuthenticator.is_blocked(self, k)]
+
+@patch
+def unlock(self: MsrAuthenticator, username: str) -> int:
+    "Forget `username`'s failed logins from every client (the desk's unlock); how many clients had some."
+    keys = [k for k in self.login_attempts if k.startswith(f"{username} from ")]
+    for k in keys: del self.login_attempts[k]
+    return len(keys)
 
 # %% ../nbs/18_hub.ipynb #15e87aeb
 @patch
@@ -254,6 +391,22 @@ class NoServers(Spawner):
     async def stop(self, now=False): return None
 
 # %% ../nbs/18_hub.ipynb #bcc85aff
+def guard_kernel_shutdown():
+    """Make voila's kernel-shutdown route (`POST …/voila/api/shutdown/<kernel>`, which a page sends when it closes) check,
+    as the kernel websocket does through `KernelOwner`, that the kernel is the asking hub user's page's: voila's handler
+    only checks that someone is signed in."""
+    from voila.shutdown_kernel_handler import VoilaShutdownKernelHandler
+    if getattr(VoilaShutdownKernelHandler.post, "msr_guarded", False): return
+    unguarded = VoilaShutdownKernelHandler.post
+    async def post(self, kernel_id):
+        name = getattr(self.current_user, "username", None)
+        if not may_use_kernel(getattr(self.kernel_manager, "owners", {}), kernel_id, "kernels", name):
+            self.log.warning("msr dashboard: %s was refused the shutdown of kernel %s (not their page's)", name, kernel_id)
+            raise web.HTTPError(403, "not your page's kernel")
+        return await unguarded(self, kernel_id)
+    post.msr_guarded = True
+    VoilaShutdownKernelHandler.post = post
+
 class HubIdentity(JupyterHubIdentityProvider):
     "JupyterHub's identity provider for voila, its OAuth callback and logout under the service's prefix (voila 0.5 mounts them at /)."
     def __init__(self, *args, **kwargs):
@@ -320,22 +473,6 @@ class KernelOwner(JupyterHubAuthorizer):
         if may_use_kernel(getattr(handler.kernel_manager, "owners", {}), kernel_id, resource, name): return True
         handler.log.warning("msr dashboard: %s was refused kernel %s (not their page's)", name, kernel_id)
         return False
-
-def guard_kernel_shutdown():
-    """Make voila's kernel-shutdown route (`POST …/voila/api/shutdown/<kernel>`, which a page sends when it closes) check,
-    as the kernel websocket does through `KernelOwner`, that the kernel is the asking hub user's page's: voila's handler
-    only checks that someone is signed in."""
-    from voila.shutdown_kernel_handler import VoilaShutdownKernelHandler
-    if getattr(VoilaShutdownKernelHandler.post, "msr_guarded", False): return
-    unguarded = VoilaShutdownKernelHandler.post
-    async def post(self, kernel_id):
-        name = getattr(self.current_user, "username", None)
-        if not may_use_kernel(getattr(self.kernel_manager, "owners", {}), kernel_id, "kernels", name):
-            self.log.warning("msr dashboard: %s was refused the shutdown of kernel %s (not their page's)", name, kernel_id)
-            raise web.HTTPError(403, "not your page's kernel")
-        return await unguarded(self, kernel_id)
-    post.msr_guarded = True
-    VoilaShutdownKernelHandler.post = post
 
 # %% ../nbs/18_hub.ipynb #a8b4d118
 CODE = Path(msr.__file__).resolve().parents[1]  # the checkout msr runs from (its notebooks, its .hub/)
@@ -410,6 +547,8 @@ def configure(c,  # JupyterHub's config object (`c` in jupyterhub_config.py)
     c.NativeAuthenticator.check_common_password = True
     c.MsrAuthenticator.state_dir = str(state)
     c.MsrAuthenticator.login_rate, c.MsrAuthenticator.login_burst = p["login_rate"], p["login_burst"]
+    c.MsrAuthenticator.signup_rate, c.MsrAuthenticator.signup_burst = p["signup_rate"], p["signup_burst"]
+    c.MsrAuthenticator.max_pending_signups = p["max_pending_signups"]
     if os.environ.get("MSR_HUB_ADMIN_PASSWORD"):  # read once; the proxy and the service never inherit it
         c.MsrAuthenticator.admin_password = os.environ.pop("MSR_HUB_ADMIN_PASSWORD")
     c.JupyterHub.load_groups = {p["admin_group"]: {"users": [admin]}}

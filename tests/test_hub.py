@@ -9,6 +9,7 @@ import secrets
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +26,7 @@ ADMIN, USER, STRANGER, LEAVER = "boss", "ada", "eve", "zoe"
 PASSWORDS = {ADMIN: secrets.token_urlsafe(16), USER: "ada's long password 1", STRANGER: "eve's long password 2",
              LEAVER: "zoe's long password 3"}
 FAILS = 3  # hub.allowed_failed_logins of this module's hub
+PENDING_CAP = 10  # hub.max_pending_signups of this module's hub
 
 skip_without_browser()
 try: proxy_command()
@@ -83,7 +85,8 @@ def hub(served_project, msr_server, sample_zip, tmp_path_factory):
     shutil.copy2(served_project / "mlflow.db", project / "mlflow.db")
     port, service_port = free_port(), free_port()
     set_params(project, hub={"port": port, "hub_port": free_port(), "proxy_api_port": free_port(), "service_port": service_port,
-                             "allowed_failed_logins": FAILS, "lockout_seconds": 600, "login_rate": 6, "login_burst": 20},
+                             "allowed_failed_logins": FAILS, "lockout_seconds": 600, "login_rate": 6, "login_burst": 20,
+                             "signup_rate": 6, "signup_burst": 6, "max_pending_signups": PENDING_CAP},
                ingest={"source": str(sample_zip), "sha256": "", "offline_source": ""})
     env = {**served_env(served_project, project / "unused.sqlite"), "MSR_PROJECT_DIR": str(project), "MSR_API_URL": msr_server.url,
            "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db", "MLFLOW_EXPERIMENT_NAME": "msr-hub-desk",
@@ -557,7 +560,90 @@ def test_unauthorizing_on_the_hub_page_ends_sessions_and_tokens(hub, browser, ad
         assert status == 401, answer
 
 
+def session_from(address: str):
+    "A requests session whose connections come from `address` (another loopback address: another client, as the proxy sees it)."
+    import requests
+
+    class From(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs): super().init_poolmanager(*args, source_address=(address, 0), **kwargs)
+
+    s = requests.Session()
+    s.mount("http://", From())
+    return s
+
+
+def signup(base: str, name: str, source: str = "127.0.0.1", headers: dict | None = None) -> tuple[int, str]:
+    "(status, alert text) of one signup through the form at `base`, from the loopback address `source`."
+    with session_from(source) as s:
+        page = s.get(f"{base}/hub/signup", headers=headers, timeout=30)
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+        r = s.post(f"{base}/hub/signup", headers=headers, timeout=60, data={
+            "_xsrf": xsrf, "username": name, "signup_password": "a flood of long passwords", "signup_password_confirmation": "a flood of long passwords"})
+    alert = re.search(r'<div class="alert[^"]*" role="alert">(.*?)</div>', r.text, re.S)
+    text = __import__("html").unescape(re.sub(r"<[^>]+>", " ", alert.group(1))) if alert else r.text[:300]
+    return r.status_code, " ".join(text.split())
+
+
+def pending(hub: Hub) -> int:
+    with sqlite3.connect(hub.state / "jupyterhub.sqlite") as con:
+        return con.execute("select count(*) from users_info where not is_authorized").fetchone()[0]
+
+
+def test_a_signup_flood_is_limited_and_the_hub_keeps_answering(hub):
+    """30 signups from one address in 3 threads (issue 21, item 6): past `hub.signup_burst` they get 429 with Retry-After,
+    the passwords are hashed off the hub's event loop, so another person's API calls keep their latency meanwhile
+    (measured; before: a 15 ms median became 1.27 s), and signups awaiting approval stop at `hub.max_pending_signups`."""
+    import statistics
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    token, lat, done = hub_token(hub, ADMIN), [], threading.Event()
+
+    def other_person():
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert fetch(f"{hub.url}/hub/api/user", {"Authorization": f"token {token}"})[0] == 200
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=other_person, daemon=True)
+    watcher.start()
+    time.sleep(1)
+    calm = list(lat)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda i: signup(hub.url, f"flood{i:02d}"), range(30)))
+    done.set(); watcher.join(30)
+    flood = lat[len(calm):]
+    statuses = [s for s, _ in got]
+    assert statuses.count(200) <= 8 and statuses.count(429) >= 20, got  # the burst (6), and a refill or two
+    assert all("Too many signups from your address" in a for s, a in got if s == 429), got
+    print(f"\nhub: another person's /hub/api/user during a signup flood: median {statistics.median(flood) * 1000:.0f} ms "
+          f"(p95 {sorted(flood)[int(len(flood) * 0.95)] * 1000:.0f} ms, {len(flood)} calls), before it {statistics.median(calm) * 1000:.0f} ms")
+    assert statistics.median(flood) < 0.5, flood
+    # a forged X-Forwarded-For on the hub's own port is not another address (only the proxy's counts): still 429
+    p = __import__("yaml").safe_load((hub.project / "params.yaml").read_text())["hub"]
+    status, alert = signup(f"http://127.0.0.1:{p['hub_port']}", "forger", headers={"X-Forwarded-For": "10.9.9.9"})
+    assert status == 429, (status, alert)
+    # other addresses (127.0.0.2, 127.0.0.3, ... through the proxy) until the cap on signups awaiting approval
+    refused = None
+    for i in range(PENDING_CAP + 5):
+        status, alert = signup(hub.url, f"later{i:02d}", source=f"127.0.0.{i + 2}")
+        if status == 503: refused = alert; break
+        assert status == 200 and "sent to the admin" in alert, (status, alert)
+    assert refused is not None and "await the admin's approval" in refused, refused
+    assert pending(hub) == PENDING_CAP
+
+
+def hub_login(hub: Hub, name: str, source: str) -> int:
+    "The status of a login through the hub's form from the loopback address `source` (302: in)."
+    with session_from(source) as s:
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', s.get(f"{hub.url}/hub/login", timeout=30).text).group(1)
+        r = s.post(f"{hub.url}/hub/login", timeout=60, allow_redirects=False, data={"_xsrf": xsrf, "username": name, "password": PASSWORDS[name]})
+    return r.status_code
+
+
 def test_lockout_after_failed_logins(hub, browser):
+    """Wrong passwords lock a name from the address they came from only (issue 21, item 7): there the right password then
+    gets 403, from another address the owner gets in; an admin's unlock on the desk (msr-desk unlock) lets them in again."""
     page = new_page(browser)
     try:
         for _ in range(FAILS):
@@ -566,11 +652,22 @@ def test_lockout_after_failed_logins(hub, browser):
         log_in(page, hub, USER)  # the right password, too late
         assert "Too many failed logins for this name" in page.inner_text("body")
         assert page.locator(".msr-go").count() == 0 and "/hub/login" in page.url
+        assert hub_login(hub, USER, source="127.0.0.9") == 302  # the owner, from another address
+        env = {**served_env(hub.project, hub.project / "unused.sqlite"), "MSR_PROJECT_DIR": str(hub.project)}
+        out = subprocess.run([str(BIN / "msr-desk"), "unlock", USER, "--by", ADMIN], cwd=hub.project, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and json.loads(out.stdout)["ok"], out.stdout + out.stderr
+        log_in(page, hub, USER)
+        page.wait_for_selector(".msr-go", timeout=60_000)  # unlocked: in from the first address too
     finally: page.context.close()
+    assert [r["action"] for r in audit_log(hub)][-1] == "unlock"
 
 
 def test_login_rate_limit(hub, browser):
-    "Past the burst, a client's login attempts get 429 before any password is checked (the last test: it spends the burst)."
+    """Past the burst, a client's login attempts get 429 before any password is checked (the last test: it spends the burst),
+    and a new forged X-Forwarded-For on each attempt at the hub's own port is no way around it (issue 21, item 7): only the
+    proxy's is believed (before: 25 attempts, no 429)."""
+    port = __import__("yaml").safe_load((hub.project / "params.yaml").read_text())["hub"]["hub_port"]
     page = new_page(browser)
     try:
         page.goto(f"{hub.url}/hub/login")
@@ -583,6 +680,16 @@ def test_login_rate_limit(hub, browser):
         assert statuses[-1] == 429 and int(r.headers["retry-after"]) > 0, statuses
         assert "Too many login attempts from your address" in r.text()
     finally: page.context.close()
+    forged = []
+    for i in range(25):  # each attempt with a fresh form (its XSRF token is bound to the address the hub believes)
+        with session_from("127.0.0.1") as s:
+            headers = {"X-Forwarded-For": f"10.7.{i}.1"}
+            token = re.search(r'name="_xsrf" value="([^"]+)"', s.get(f"http://127.0.0.1:{port}/hub/login", headers=headers, timeout=30).text)
+            r = s.post(f"http://127.0.0.1:{port}/hub/login", headers=headers, allow_redirects=False, timeout=60,
+                       data={"_xsrf": token.group(1), "username": f"forger{i}", "password": "x"})
+        forged.append(r.status_code)
+        if r.status_code == 429: break
+    assert forged[-1] == 429 and "Too many login attempts" in r.text, (forged, r.text[-600:])
 
 
 def test_rest_takes_a_users_hub_token(hub, hub_rest, served_project):
