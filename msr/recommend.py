@@ -15,7 +15,7 @@ from fastcore.basics import patch, patch_to
 
 import msr
 import msr.seeds
-from .core import TRACK_ID
+from .core import TRACK_ID, atomic_path
 from .seeds import Seeds, TrackLookup
 
 # %% auto #0
@@ -103,7 +103,7 @@ def save(self: Recommender, path: str | Path) -> Path:
     "Pickle the model behind a header that `load_recommender` checks first."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a crash mid-way leaves the previous model whole
         pickle.dump({"format": MODEL_FORMAT, "msr_version": msr.__version__, "class": type(self).__name__}, f)
         pickle.dump(self, f, protocol=pickle.HIGHEST_PROTOCOL)
     return path

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import sqlite3
+import subprocess
+import time
 
 import nbformat
 import pandas as pd
@@ -12,7 +16,7 @@ import pandas as pd
 from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, serve as serve_fake, track as fake_track
 from msr.core import AUDIO_FEATURES
 from msr.recommend import MODEL_FORMAT
-from conftest import all_text, run, set_params
+from conftest import BIN, all_text, run, set_params
 from test_validate import CASES as VALIDATION_CASES
 
 STAGES = ["ingest", "validate", "feed", "transform", "genre", "clusters", "train", "evaluate", "register"]
@@ -252,3 +256,16 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
         for word in words: assert word in out, (case, word)
         assert {p: digest(p) for p in good} == good, case
         assert (project / "outputs/validation.json").read_text() == validation_before, case
+
+    # a train stage that fails, or is killed, leaves the last good model and tables where msr-serve and the dashboard read
+    # them (issue 21, item 10): DVC keeps persisted outputs in place while a stage runs, and each is replaced whole or not at all
+    kept = {p: digest(p) for p in [project / "data/models/recommender.pkl", *(project / "data/processed").glob("*.parquet")]}
+    set_params(project, train={"ltr_folds": 0})  # the model refuses it, after the stage has started
+    failed = run(["dvc", "repro", "--single-item", "train"], project, check=False)
+    assert failed.returncode != 0 and {p: digest(p) for p in kept} == kept, failed.stdout[-2000:] + failed.stderr[-2000:]
+    set_params(project, train={"ltr_folds": 4})
+    killed = subprocess.Popen(["dvc", "repro", "--single-item", "--force", "train"], cwd=project, env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(8)  # in the middle of the stage
+    os.killpg(killed.pid, signal.SIGKILL); killed.wait()
+    assert {p: digest(p) for p in kept} == kept
