@@ -117,7 +117,9 @@ class LoginLimiter:
 def connection_pid(peer: tuple, local_port: int) -> int | None:
     "The process holding the client end (`peer`, connected to our `local_port`) of a loopback TCP connection (None: not ours to see)."
     import psutil
-    for conn in psutil.net_connections(kind="inet"):
+    try: conns = psutil.net_connections(kind="inet")
+    except psutil.Error: return None  # not allowed to look (some systems): nobody's X-Forwarded-For is believed
+    for conn in conns:
         if conn.laddr and conn.raddr and (conn.laddr.ip, conn.laddr.port) == peer[:2] and conn.raddr.port == local_port: return conn.pid
     return None
 
