@@ -6,9 +6,11 @@ Every hour (params.yaml's `airflow.schedule`; no catch-up, one active run at a t
    (did the catalogue grow past `feed.retrain_threshold`?) and the registry's newest version and champion.
    A feed that did not feed (no Spotify credentials, Spotify failing) fails the task.
 2. **retrain_signal**: a short-circuit: without the signal, `retrain` is skipped.
-3. **retrain**: `dvc repro`: transform ... evaluate, and the register stage, which registers a new
-   msr-recommender version and moves the champion alias to it only when it beats the champion; then, when the
-   project has a default DVC remote, `dvc push`.
+3. **retrain**: `msr-retrain --by airflow --push`: `dvc repro` (transform ... evaluate, and the register stage, which
+   registers a new msr-recommender version and moves the champion alias to it only when it beats the champion); then,
+   when the project has a default DVC remote, `dvc push`. It holds the retrain lock that the admin desk and
+   `msr-feed --retrain` share, for its whole life: while another retrain runs it fails at once (exit code 3, "a retrain
+   is already running (started by ...)") and is tried again after the retry delay.
 4. **report**: `msr-loop report`: the champion, and an alert when the new version was not promoted (or none was
    registered). It also runs, and reports the champion, when the retrain was skipped.
 
@@ -79,9 +81,8 @@ def msr_retrain():
     def retrain_signal(signal: dict) -> bool:
         return bool(signal["retrain"])
 
-    # with a default DVC remote (a team's), the new data and model go there too, so every clone can `dvc pull` them
-    retrain = BashOperator(task_id="retrain", bash_command=in_project(
-                               "dvc repro && if dvc remote default >/dev/null 2>&1; then dvc push; fi"), cwd=str(PROJECT), skip_on_exit_code=None,
+    # under the one retrain lock; with a default DVC remote (a team's), the new data and model go there too, so every clone can `dvc pull` them
+    retrain = BashOperator(task_id="retrain", bash_command=in_project("msr-retrain --by airflow --push"), cwd=str(PROJECT), skip_on_exit_code=None,
                            execution_timeout=timedelta(seconds=SETTINGS["retrain_timeout"]))
     report = BashOperator(task_id="report", bash_command=in_project('msr-loop report --signal "$MSR_LOOP_SIGNAL"'),
                           env={"MSR_LOOP_SIGNAL": "{{ ti.xcom_pull(task_ids='feed') | tojson }}"}, append_env=True,

@@ -209,7 +209,9 @@ def show_retrain(self: AdminDesk) -> dict:
     s = retrain_status()
     if s["state"] == "idle": self.retrain_state.value = "<i>no retrain yet</i>"; self.retrain_log.value = ""; return s
     stage = f" · stage {s['stages_run']}: <b>{html.escape(s['stage'])}</b>" if s.get("stage") else ""
-    when = f"running for {s['seconds']} s" if s["state"] == "running" else f"ended {html.escape(s.get('ended', '?'))} (exit code {s.get('returncode')})"
+    when = (f"running for {s['seconds']} s" + (f" ({html.escape(s['note'])})" if s.get("note") else "") if s["state"] == "running"
+            else html.escape(s["error"]) if s["state"] == "dead"
+            else f"ended {html.escape(s.get('ended', '?'))} (exit code {s.get('returncode')})")
     self.retrain_state.value = (f"<span class='msr-retrain-{s['state']}'><b>{s['state']}</b></span> · started by {html.escape(s['by'])} "
                                 f"at {html.escape(s['started'])} · {when}{stage} · <code>{html.escape(s['command'])}</code>")
     self.retrain_log.value = f"<pre style='max-height:240px;overflow:auto;font-size:11px'>{html.escape(s['log'])}</pre>"

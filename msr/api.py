@@ -31,7 +31,7 @@ from fastcore.script import Param, call_parse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .catalogue import ROUTES
-from .core import atomic_path, load_params, project_root
+from .core import CallError, http_json, load_params, project_root, write_private
 from .monitor import MonitorLog, open_monitor
 from .redact import redact_url
 from .serve import MAX_QUERIES, BadRequest, Unavailable, check_row, quote
@@ -184,9 +184,7 @@ def configured(self: ApiKeys) -> bool:
 # %% ../nbs/13b_api.ipynb #e9dc7019
 @patch
 def _save(self: ApiKeys):
-    with atomic_path(self.path) as tmp:
-        tmp.write_text(json.dumps({"keys": self.entries}, indent=1))
-        os.chmod(tmp, 0o600)
+    write_private(self.path, json.dumps({"keys": self.entries}, indent=1))
     self._mtime = None; self._reload()
 
 @patch
@@ -237,19 +235,17 @@ class HubUsers:
 @patch
 def user_of(self: HubUsers, token: str | None) -> str | None:
     "The hub user's name, or None (no token, a token the hub does not know, or no hub answering). Blocking: call from a thread."
-    import urllib.error, urllib.request
     if not token: return None
     d, now = _digest(token), time.monotonic()
     hit = self.cache.get(d)
     if hit and hit[1] > now: return hit[0]
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"{self.api_url}/user", headers={"Authorization": f"token {token}"}), timeout=5) as r:
-            who = json.load(r)
+        who = http_json("GET", f"{self.api_url}/user", headers={"Authorization": f"token {token}"}, timeout=5)
         name = who.get("name") if who.get("kind", "user") == "user" else None  # a service's token is not a person's key
-    except urllib.error.HTTPError as e:
-        if e.code not in (401, 403): return None  # the hub failing: refuse now, ask again next time
+    except CallError as e:
+        if e.status not in (401, 403): return None  # no hub answering, or the hub failing: refuse now, ask again next time
         name = None
-    except (OSError, ValueError, AttributeError): return None  # no hub answering, or not the hub's JSON
+    except AttributeError: return None  # not the hub's JSON
     self.cache[d] = (name, now + (self.ttl if name else 5.0))
     while len(self.cache) > self.size: self.cache.popitem(last=False)
     return name

@@ -10,16 +10,14 @@ import json
 import os
 import re
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 import ipywidgets as W
 from fastcore.basics import patch
 from IPython.display import display
 
-from .core import TRACK_ID, load_params, project_root
+from .core import TRACK_ID, CallError, http_json, load_params, project_root
 
 # %% auto #0
 __all__ = ['PROFILE_COLOURS', 'ApiError', 'Api', 'dashboard_params', 'api_health', 'results_html', 'summary_html', 'profile_html',
@@ -40,29 +38,17 @@ class Api:
                  timeout: float = 30.0,  # seconds to wait for an answer
                 ):
         self.url, self.key, self.timeout = url.rstrip("/"), key or None, timeout
-        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # loopback: never through a proxy
 
 # %% ../nbs/14_app.ipynb #6e7a8e2c
-def _refusal(e: urllib.error.HTTPError) -> str:
-    "The message of an error answer: the service's JSON `message`, else its status line."
-    try: message = json.loads(e.read(20_000)).get("message")
-    except Exception: message = None
-    return str(message)[:500] if message else f"msr's REST service answered {e.code} {e.reason}"
-
 @patch
 def call(self: Api, method: str, path: str, query: dict | None = None, body: dict | None = None) -> dict:
     "The JSON answer of `method path?query` (with a JSON `body`), or `ApiError`."
     url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
-    headers = {"Accept": "application/json", "X-MSR-Source": "dashboard"}
-    if body is not None: headers["Content-Type"] = "application/json"
-    if self.key: headers["Authorization"] = f"Bearer {self.key}"
-    data = json.dumps(body).encode() if body is not None else None
-    try:
-        with self._open(urllib.request.Request(url, data, headers, method=method), timeout=self.timeout) as r: return json.loads(r.read())
-    except urllib.error.HTTPError as e: raise ApiError(_refusal(e), e.code) from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        why = getattr(e, "reason", None) or e
-        raise ApiError(f"msr's REST service at {self.url} is not answering ({why}). Start it with `make serve` "
+    headers = {"X-MSR-Source": "dashboard", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+    try: return http_json(method, url, body, headers, self.timeout)
+    except CallError as e:
+        if e.status: raise ApiError(e.message or f"msr's REST service answered {e.status} {e.reason}", e.status) from None
+        raise ApiError(f"msr's REST service at {self.url} is not answering ({e.reason}). Start it with `make serve` "
                        "(`make dashboard` starts it when it can), then reload this page.") from None
 
 @patch

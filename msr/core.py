@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +21,8 @@ import yaml
 __all__ = ['TRACK_ID', 'PLAYLIST_ID', 'GENRE', 'TRACK_COLUMNS', 'PLAYLIST_COLUMNS', 'RAW_COLUMNS', 'AUDIO_FEATURES', 'GENRES',
            'RAW_CSV', 'SONGS', 'QUARANTINE', 'TRACKS', 'PLAYLIST_TRACKS', 'SPLITS', 'QUERIES', 'FEED_TRACKS',
            'FEED_PREVIOUS', 'MODELS_DIR', 'OUTPUTS', 'METRICS_DIR', 'PLOTS_DIR', 'load_params', 'project_root',
-           'atomic_path', 'write_json', 'read_json', 'save_figure']
+           'atomic_path', 'private_file', 'write_private', 'CallError', 'http_json', 'write_json', 'read_json',
+           'save_figure']
 
 # %% ../nbs/00_core.ipynb #867ade4a
 TRACK_ID = "track_id"
@@ -96,6 +100,58 @@ def atomic_path(dest: str | Path,  # the file to (re)write
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+# %% ../nbs/00_core.ipynb #8742fee6
+def private_file(path: str | Path) -> Path:
+    "`path` as a file only its owner can read or write (an empty one made if missing), 0600 before anything is written to it."
+    path = Path(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+    return path
+
+def write_private(path: str | Path,  # the file to (re)write, whole or not at all
+                  text: str,
+                 ) -> Path:
+    "Write `text` to `path` atomically as a file only its owner can read (0600 from the start); its folder is made 0700 if missing."
+    path = Path(path)
+    if not path.parent.exists(): path.parent.mkdir(mode=0o700, parents=True)
+    with atomic_path(path) as tmp:  # mkstemp's file: 0600
+        tmp.write_text(text)
+        tmp.chmod(0o600)
+    return path
+
+# %% ../nbs/00_core.ipynb #0224b8fb
+class CallError(Exception):
+    "An HTTP call that failed: `status` (None: nothing answered), `reason`, and `message`, the JSON error body's message if any."
+    def __init__(self, status: int | None, reason: str, message: str | None = None):
+        super().__init__(f"{status} {reason}" if status else reason)
+        self.status, self.reason, self.message = status, reason, message
+
+def _opener(url: str):
+    loopback = urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else [])).open
+
+def http_json(method: str, url: str,
+              body: Any = None,  # sent as JSON when given
+              headers: dict | None = None,  # e.g. Authorization
+              timeout: float = 30.0,  # seconds to connect, and between reads
+             ) -> Any:
+    "The answer of `method url`: its JSON (None when empty; the text when it is not JSON), or `CallError`."
+    headers = {"Accept": "application/json", **(headers or {})}
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None: headers["Content-Type"] = "application/json"
+    try:
+        with _opener(url)(urllib.request.Request(url, data, headers, method=method), timeout=timeout) as r: text = r.read()
+    except urllib.error.HTTPError as e:
+        try: said = json.loads(e.read(20_000))
+        except Exception: said = None
+        message = (said.get("message") or said.get("error")) if isinstance(said, dict) else None
+        raise CallError(e.code, str(e.reason), str(message)[:500] if message else None) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise CallError(None, str(getattr(e, "reason", None) or e)) from None
+    if not text.strip(): return None
+    try: return json.loads(text)
+    except ValueError: return text.decode(errors="replace")
 
 # %% ../nbs/00_core.ipynb #662de23c
 def _jsonable(o):

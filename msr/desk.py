@@ -13,22 +13,20 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fastcore.basics import patch
 
-from .core import load_params, project_root
+from .core import CallError, http_json, load_params, private_file, project_root, write_private
 from .redact import redact_text
 
 # %% auto #0
 __all__ = ['DESK', 'AUDIT', 'DESK_TOKEN', 'RETRAIN_LOCK', 'RETRAIN_STATUS', 'RETRAIN_LOG', 'ACTIONS', 'desk_dir', 'audit',
            'audit_rows', 'HubError', 'Hub', 'versions', 'Refused', 'move_champion', 'retrain_command', 'retrain_lock',
-           'retrain_status', 'run_retrain', 'desk', 'main']
+           'retrain_running', 'retrain_status', 'run_retrain', 'desk', 'main', 'retrain_main']
 
 # %% ../nbs/19_desk.ipynb #bbe1225e
 DESK = Path("data/desk")  # the desk's folder in the project (0700)
@@ -38,12 +36,6 @@ def desk_dir(root: str | Path | None = None) -> Path:
     path = Path(root or project_root()) / DESK
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
-    return path
-
-def _private(path: Path) -> Path:
-    "`path`, made 0600 (empty if missing) before anything is written to it."
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    path.chmod(0o600)
     return path
 
 # %% ../nbs/19_desk.ipynb #6ebe06c7
@@ -58,7 +50,7 @@ def audit(who: str,  # the hub user who acted
     "Append one row to the audit log and return it."
     row = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "who": who, "action": action,
            "target": str(target), "outcome": outcome, "detail": redact_text(str(detail))[:1000]}
-    path = _private(desk_dir(root) / AUDIT)
+    path = private_file(desk_dir(root) / AUDIT)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(json.dumps(row) + "\n")
@@ -80,7 +72,6 @@ class Hub:
                  token: str,  # the msr-desk service's token
                  admin_group: str = "msr-admins", timeout: float = 15.0):
         self.url, self._token, self.admin_group, self.timeout = url.rstrip("/"), token, admin_group, timeout
-        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # loopback: never through a proxy
 
     def __repr__(self): return f"Hub({self.url!r})"  # never the token
 
@@ -100,19 +91,10 @@ def from_project(cls: Hub, root: str | Path | None = None) -> Hub:
 @patch
 def call(self: Hub, method: str, path: str, body: dict | None = None):
     "The JSON answer of the hub's `method path` (None when it is empty), or `HubError`."
-    headers = {"Authorization": f"token {self._token}", "Accept": "application/json"}
-    data = None if body is None else json.dumps(body).encode()
-    if data is not None: headers["Content-Type"] = "application/json"
-    try:
-        with self._open(urllib.request.Request(self.url + path, data, headers, method=method), timeout=self.timeout) as r:
-            text = r.read()
-            return json.loads(text) if text.strip() else None
-    except urllib.error.HTTPError as e:
-        try: message = json.loads(e.read(20_000)).get("message")
-        except Exception: message = None
-        raise HubError(f"the hub answered {e.code} to {method} {path}: {message or e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise HubError(f"the hub at {self.url} is not answering ({getattr(e, 'reason', e)})") from None
+    try: return http_json(method, self.url + path, body, {"Authorization": f"token {self._token}"}, self.timeout)
+    except CallError as e:
+        if e.status: raise HubError(f"the hub answered {e.status} to {method} {path}: {e.message or e.reason}") from None
+        raise HubError(f"the hub at {self.url} is not answering ({e.reason})") from None
 
 # %% ../nbs/19_desk.ipynb #23f85814
 @patch
@@ -216,19 +198,35 @@ def retrain_command(root: str | Path | None = None) -> list[str]:
 
 @contextmanager
 def retrain_lock(root: str | Path | None = None):
-    "Hold the retrain lock (yields True), or yield False at once when another process holds it."
-    with open(_private(desk_dir(root) / RETRAIN_LOCK), "w") as f:
+    """Hold the retrain lock: yields its open file, or None at once when another process holds it. A child given the
+    file's descriptor holds the lock with it, so it is never unlocked here: closing the last descriptor frees it."""
+    with open(private_file(desk_dir(root) / RETRAIN_LOCK), "w") as f:
         try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False; return
-        try: yield True
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+        except BlockingIOError: yield None
+        else: yield f
+
+def retrain_running(root: str | Path | None = None) -> bool:
+    "Whether some process holds the retrain lock now."
+    with retrain_lock(root) as f: return f is None
 
 # %% ../nbs/19_desk.ipynb #063935e1
+def _alive(pid) -> bool:
+    try: os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError): return False
+    except PermissionError: return True
+    return True
+
 def retrain_status(root: str | Path | None = None, lines: int = 40) -> dict:
-    "The latest retrain: state (idle, running, finished, failed), who, when, the stage it is in, and its log's last lines."
+    """The latest retrain: state (idle, running, finished, failed, or dead: it said running but nobody holds the lock),
+    who, when, the stage it is in, and its log's last lines."""
     d = desk_dir(root)
     status = json.loads((d / RETRAIN_STATUS).read_text()) if (d / RETRAIN_STATUS).exists() else {"state": "idle"}
+    if status["state"] == "running":
+        if not retrain_running(root):
+            status.update(state="dead", error=f"the retrain ended without saying how (its processes {status.get('pid')} and "
+                                              f"{status.get('child')} are gone: killed or crashed); start it again")
+        elif not _alive(status.get("pid")):
+            status["note"] = f"its starter (pid {status.get('pid')}) is gone; the command (pid {status.get('child')}) still runs"
     log = (d / RETRAIN_LOG).read_text(errors="replace") if (d / RETRAIN_LOG).exists() and status["state"] != "idle" else ""
     stages = re.findall(r"Running stage '([^']+)'", log)
     status.update(stage=stages[-1] if stages else None, stages_run=len(dict.fromkeys(stages)),
@@ -237,34 +235,53 @@ def retrain_status(root: str | Path | None = None, lines: int = 40) -> dict:
     return status
 
 def _write_status(root, **status):
-    path = _private(desk_dir(root) / RETRAIN_STATUS)
-    tmp = _private(path.with_suffix(".tmp"))
-    tmp.write_text(json.dumps(status))
-    tmp.replace(path)
+    write_private(desk_dir(root) / RETRAIN_STATUS, json.dumps(status))
 
 # %% ../nbs/19_desk.ipynb #4f62bf39
-def run_retrain(by: str, root: str | Path | None = None, answer=print) -> int:
-    "Run the retrain command under the lock (`answer` gets one JSON line as soon as it starts or is refused); its exit code."
+def _dvc() -> str:
+    "msr's environment's dvc when it is there."
+    dvc = Path(sys.executable).parent / "dvc"
+    return str(dvc) if dvc.exists() else "dvc"
+
+def run_retrain(by: str,  # who starts it: a hub admin, msr-feed, airflow
+                root: str | Path | None = None, answer=print,  # gets one JSON line as soon as it starts or is refused
+                push: bool = False,  # then `dvc push` (same lock) when the command succeeded and the project has a default remote
+                echo=None,  # a writer (sys.stdout) that also gets the command's output, as it comes
+               ) -> int:
+    "Run the retrain command under the lock, which the command holds with us: its exit code (3: another retrain runs)."
     root = Path(root or project_root())
-    with retrain_lock(root) as mine:
-        if not mine:
+    with retrain_lock(root) as lock:
+        if lock is None:
             s = retrain_status(root)
             why = f"a retrain is already running (started by {s.get('by', '?')} at {s.get('started', '?')})"
             audit(by, "retrain", "", "refused", why, root)
             answer(json.dumps({"ok": False, "busy": True, "error": why})); return 3
         cmd = retrain_command(root)
+        shown = " ".join(cmd) + (" (then dvc push to the default remote)" if push else "")
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_status(root, state="running", by=by, started=started, started_ts=time.time(), command=" ".join(cmd), pid=os.getpid())
-        audit(by, "retrain", " ".join(cmd), "started", "", root)
-        answer(json.dumps({"ok": True, "started": started, "command": " ".join(cmd)}))
-        with open(_private(desk_dir(root) / RETRAIN_LOG), "w") as log:
-            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-            try: rc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
-            except OSError as e: log.write(f"msr-desk: could not run {cmd[0]}: {e}\n"); rc = 127
+        running = dict(state="running", by=by, started=started, started_ts=time.time(), command=shown, pid=os.getpid())
+        _write_status(root, **running)
+        audit(by, "retrain", shown, "started", "", root)
+        answer(json.dumps({"ok": True, "started": started, "command": shown}))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        with open(private_file(desk_dir(root) / RETRAIN_LOG), "w") as log:
+            def step(argv) -> int:
+                try:
+                    p = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, pass_fds=[lock.fileno()], text=bool(echo), errors="replace")
+                except OSError as e:
+                    log.write(f"msr-retrain: could not run {argv[0]}: {e}\n"); return 127
+                _write_status(root, **running, child=p.pid)
+                for line in p.stdout if echo else ():
+                    log.write(line); log.flush(); echo.write(redact_text(line)); echo.flush()
+                return p.wait()
+            rc = step(cmd)
+            if rc == 0 and push and subprocess.run([_dvc(), "remote", "default"], cwd=root, capture_output=True).returncode == 0:
+                rc = step([_dvc(), "push"])
         state = "finished" if rc == 0 else "failed"
         _write_status(root, state=state, by=by, started=started, ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      command=" ".join(cmd), returncode=rc, started_ts=0)
-        audit(by, "retrain", " ".join(cmd), "ok" if rc == 0 else "failed", f"exit code {rc}", root)
+                      command=shown, returncode=rc, started_ts=0)
+        audit(by, "retrain", shown, "ok" if rc == 0 else "failed", f"exit code {rc}", root)
         return rc
 
 # %% ../nbs/19_desk.ipynb #131ca1df
@@ -339,3 +356,17 @@ def main():
             os.dup2(devnull, 1); os.dup2(devnull, 2)
         sys.exit(desk(out=answer))
     sys.exit(desk())
+
+def retrain_main(argv: list[str] | None = None) -> int:
+    "`msr-retrain`: the retrain in the foreground, its output on stdout, under the one retrain lock (exit code 3: another runs)."
+    p = argparse.ArgumentParser(prog="msr-retrain", description="run params.yaml's desk.retrain (dvc repro) under the retrain lock "
+                                "that the desk, msr-feed --retrain and the Airflow DAG share; 3 when another retrain runs")
+    p.add_argument("--by", default="msr-retrain", help="who starts it, for the status and the audit log (e.g. airflow)")
+    p.add_argument("--push", action="store_true", help="then `dvc push` when the project has a default DVC remote")
+    a = p.parse_args(argv)
+    def answer(line):
+        said = json.loads(line)
+        print(f"msr-retrain: {'started ' + said['command'] if said['ok'] else said['error']}", file=sys.stderr, flush=True)
+    rc = run_retrain(a.by, project_root(), answer, push=a.push, echo=sys.stdout)
+    if rc not in (0, 3): print(f"msr-retrain: the retrain failed (exit code {rc}; its log: data/desk/{RETRAIN_LOG})", file=sys.stderr)
+    return rc

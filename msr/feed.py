@@ -133,16 +133,17 @@ def run_feed(params: dict,  # the feed section of params.yaml
 
 # %% ../nbs/16_feed.ipynb #5ea67f3a
 @call_parse
-def main(retrain: Param("run `dvc repro` when the catalogue grew past feed.retrain_threshold", store_true) = False):
+def main(retrain: Param("retrain (params.yaml's desk.retrain, `dvc repro`) when the catalogue grew past feed.retrain_threshold, "
+                        "under the one retrain lock", store_true) = False):
     "Grow msr's catalogue from Spotify (the feed stage); optionally retrain (`msr-feed [--retrain]`)."
-    dvc = [sys.executable, "-m", "dvc"]
-    step = subprocess.run(dvc + ["repro", "--force", "--single-item", "feed"])
+    step = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "feed"])
     if step.returncode != 0: print("msr-feed: the feed stage failed (see above)", file=sys.stderr); sys.exit(step.returncode)
     report = read_json(FEED_METRICS)
     print(f"msr-feed: {report['status']}: +{report['added']} tracks, growth {report['growth']:.2%} "
           f"(threshold {report['threshold']:.2%})" + (f" — {report['reason']}" if report.get("reason") else ""))
     if report["retrain"] and retrain:
-        print("msr-feed: retraining (dvc repro)")
-        sys.exit(subprocess.run(dvc + ["repro"]).returncode)
+        print("msr-feed: retraining (msr-retrain)", flush=True)
+        from msr.desk import retrain_main  # the desk's, the DAG's and this one retrain: one lock, one status, one audit log
+        sys.exit(retrain_main(["--by", "msr-feed"]))
     elif report["retrain"]:
-        print("msr-feed: the catalogue grew past the threshold: run `dvc repro` (or msr-feed --retrain) to retrain")
+        print("msr-feed: the catalogue grew past the threshold: run `msr-retrain` (or msr-feed --retrain) to retrain")

@@ -37,13 +37,13 @@ from tornado.httputil import url_concat
 from traitlets import Float, Integer, Unicode
 
 import msr
-from .core import load_params, project_root
+from .core import load_params, private_file, project_root
 from .desk import DESK_TOKEN
 from .pages import DashboardKernels
 
 # %% auto #0
 __all__ = ['ADMIN_PASSWORD_FILE', 'KERNEL_ENV_DROPPED', 'CODE', 'DASHBOARD_NOTEBOOK', 'PROXY', 'MLFLOW_CLIENT_ENV',
-           'DESK_SERVICE', 'DESK_SCOPES', 'private_dir', 'private_file', 'is_private', 'admin_password', 'LoginLimiter',
+           'DESK_SERVICE', 'DESK_SCOPES', 'private_dir', 'is_private', 'admin_password', 'LoginLimiter',
            'connection_pid', 'from_proxy', 'login_client', 'MsrLoginHandler', 'MsrSignUpHandler', 'same_origin_only',
            'AuthorizationPage', 'AdminPasswordPage', 'end_sessions', 'ApproveHandler', 'DiscardSignupHandler',
            'AccountsAPI', 'AccountAPI', 'OffLoopHashes', 'MsrAuthenticator', 'NoServers', 'guard_kernel_shutdown',
@@ -56,13 +56,6 @@ def private_dir(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
-    return path
-
-def private_file(path: str | Path) -> Path:
-    "`path` as a file only its owner can read or write (an empty one made if missing), 0600 before anything is written to it."
-    path = Path(path)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    path.chmod(0o600)
     return path
 
 def is_private(path: str | Path) -> bool:

@@ -10,12 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
-from .core import project_root, read_json
+from .core import CallError, http_json, project_root, read_json
 from .redact import redact_text
 
 # %% auto #0
@@ -98,13 +96,11 @@ def send_alert(alert: dict,  # `event`, `message` and the event's own fields
     log(f"msr-loop: ALERT: {body['text']}")
     failures = []
     if url:
-        loopback = urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
-        opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
-        request = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method="POST")
         try:
-            with opener.open(request, timeout=timeout) as r: log(f"msr-loop: alert sent to {_destination(url)} ({r.status})")
-        except urllib.error.HTTPError as e: failures.append(f"{_destination(url)} answered {e.code}")
-        except (urllib.error.URLError, OSError) as e: failures.append(f"{_destination(url)} did not answer ({getattr(e, 'reason', e)})")
+            http_json("POST", url, body, timeout=timeout)
+            log(f"msr-loop: alert sent to {_destination(url)}")
+        except CallError as e:
+            failures.append(f"{_destination(url)} answered {e.status}" if e.status else f"{_destination(url)} did not answer ({e.reason})")
     if command:
         env = {**os.environ, "MSR_ALERT_MESSAGE": body["text"], "MSR_ALERT_EVENT": str(body.get("event", ""))}
         try:

@@ -24,7 +24,7 @@ from fastcore.xdg import xdg_cache_home
 from fastcore.basics import patch
 from spotipy.cache_handler import CacheHandler
 
-from .core import AUDIO_FEATURES, TRACK_ID
+from .core import AUDIO_FEATURES, TRACK_ID, write_private
 from .redact import redact_loggers
 from .seeds import RECORD_FIELDS
 
@@ -165,11 +165,7 @@ def save_token_to_cache(self: PrivateTokenCache, token_info):
     "Write the token atomically: a 0600 file in a 0700 folder."
     self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(self.folder, 0o700)
-    tmp = self.path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f: json.dump(token_info, f)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, self.path)
+    write_private(self.path, json.dumps(token_info))
 
 # %% ../nbs/15_spotify.ipynb #84e9be4d
 def _http(e) -> tuple[int | None, dict]:

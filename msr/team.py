@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -27,14 +25,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from fastcore.basics import patch
 from fastcore.xtras import modified_env
 
-from .core import load_params, project_root
+from .core import CallError, http_json, load_params, project_root, write_private
 from .redact import redact_url
 
 # %% auto #0
 __all__ = ['PERMISSIONS', 'SUPERUSER', 'OWNERS', 'CLUSTER_CONF', 'DATABASE_URL_ENV', 'DATABASE_PASSWORD_ENV',
            'ADMIN_PASSWORD_ENV', 'ADMIN_USERNAME_ENV', 'MIN_PASSWORD', 'STOP_SIGNALS', 'ROLES', 'USER_PASSWORD_ENV',
-           'USER_NAME', 'TeamError', 'TeamSettings', 'write_private', 'secret', 'pg_program', 'run_as', 'closed_to',
-           'LocalCluster', 'external_urls', 'Team', 'admin_credentials', 'auth_config', 'team', 'main']
+           'USER_NAME', 'TeamError', 'TeamSettings', 'secret', 'pg_program', 'run_as', 'closed_to', 'LocalCluster',
+           'external_urls', 'Team', 'admin_credentials', 'auth_config', 'team', 'main']
 
 # %% ../nbs/20_team.ipynb #c5077997
 PERMISSIONS = ("NO_PERMISSIONS", "READ", "USE", "EDIT", "MANAGE")  # what MLflow's basic auth may give where nothing was granted
@@ -68,17 +66,6 @@ class TeamSettings:
         return cls(**{k: params[k] for k in names})
 
 # %% ../nbs/20_team.ipynb #99fd74b4
-def write_private(path: str | Path,  # the file to (re)write
-                  text: str,
-                 ) -> Path:
-    "Write `text` to `path`, a file only its owner can read (0600 before anything is written); its folder is made 0700 if missing."
-    path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f: f.write(text)
-    return path
-
 def secret(path: str | Path) -> str:
     "The secret kept in the 0600 file `path`, generated (32 random URL-safe characters) when the file is missing."
     path = Path(path)
@@ -411,9 +398,9 @@ USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 def _up(self: Team):
     "TeamError unless the server answers /health (MLflow's client would retry for minutes)."
     try:
-        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{self.url}/health", timeout=5): pass
-    except (urllib.error.URLError, OSError) as e:
-        raise TeamError(f"no MLflow server answers at {self.url} ({getattr(e, 'reason', e)}): start it first (make mlflow-server)") from None
+        http_json("GET", f"{self.url}/health", timeout=5)
+    except CallError as e:
+        raise TeamError(f"no MLflow server answers at {self.url} ({e}): start it first (make mlflow-server)") from None
 
 def _explain(e: Exception, action: str) -> TeamError:
     "An MLflow client error as a TeamError that says what to do."

@@ -84,7 +84,8 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "
                                         "backoff": t.retry_exponential_backoff, "max_retry_delay": t.max_retry_delay.total_seconds(),
                                         "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
                                         "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule), "upstream": sorted(t.upstream_task_ids),
-                                        "on_failure": [c.__name__ for c in (t.on_failure_callback or [])]} for t in dag.tasks}}))
+                                        "on_failure": [c.__name__ for c in (t.on_failure_callback or [])],
+                                        "command": getattr(t, "bash_command", None)} for t in dag.tasks}}))
 """
 
 
@@ -110,6 +111,8 @@ def test_dag_imports_with_the_projects_settings(project, airflow):
     for name, t in tasks.items():
         assert (t["retries"], t["retry_delay"], t["backoff"], t["max_retry_delay"], t["on_failure"]) == (3, 7, 3.0, 99, ["alert_failure"]), name
     assert [tasks[t]["timeout"] for t in TASKS] == [111, 33, 222, 33]
+    # the retrain holds the one retrain lock that the desk and msr-feed --retrain share (tests/test_retrain.py)
+    assert tasks["retrain"]["command"].endswith("\nmsr-retrain --by airflow --push"), tasks["retrain"]["command"]
 
     # a params.yaml without the airflow section is an import error that says what is missing
     params = (project / "params.yaml").read_text()
@@ -176,6 +179,8 @@ def test_retrain_loop(project, airflow, sample_zip, tmp_path):
         model_md5 = next(o["md5"] for o in yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]["outs"]
                          if o["path"] == "data/models/recommender.pkl")
         assert (remote / "files/md5" / model_md5[:2] / model_md5[2:]).exists(), "the retrained model was not pushed to the DVC remote"
+        retrained = [(r["who"], r["outcome"]) for r in map(json.loads, (project / "data/desk/audit.jsonl").read_text().splitlines())]
+        assert retrained == [("airflow", "started"), ("airflow", "ok")], retrained  # through the one retrain lock
         assert len(hook.alerts) == 1, hook.alerts
         alert = hook.alerts[0]
         assert (alert["event"], alert["version"], alert["champion"], alert["dag_id"], alert["run_id"]) == ("not_promoted", 2, 1, DAG, run_id)

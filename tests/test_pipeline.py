@@ -15,6 +15,7 @@ import pandas as pd
 
 from fake_spotify import CLIENT_ID as FAKE_ID, CLIENT_SECRET as FAKE_SECRET, serve as serve_fake, track as fake_track
 from msr.core import AUDIO_FEATURES
+from msr.desk import retrain_lock
 from msr.recommend import MODEL_FORMAT
 from conftest import BIN, all_text, run, set_params
 from test_validate import CASES as VALIDATION_CASES
@@ -229,6 +230,17 @@ def test_pipeline_end_to_end(project, sample_zip, songs_csv, tmp_path):
             assert FAKE_SECRET not in text and "app-token-DO-NOT-LEAK" not in text
         again = run(["msr-feed", "--retrain"], project, env=env)  # the same answers: nothing added, no retraining
         assert "+0 tracks" in again.stdout and "retraining" not in again.stdout
+
+        # new tracks while another retrain holds the one retrain lock (the desk's, the DAG's): fed, but no second retrain
+        more = [fake_track(10**6 + i, duration_ms=180000) for i in range(60, 120)]
+        api.fake.search_results['genre:"pop"'] = more
+        provider.fake.features_provider = {t["id"]: {c: 0.4 for c in AUDIO_FEATURES if c != "duration_ms"} for t in more}
+        with retrain_lock(project) as held:
+            assert held
+            busy = run(["msr-feed", "--retrain"], project, env=env, check=False)
+        assert busy.returncode == 3 and "msr-feed: fed: +60 tracks" in busy.stdout, busy.stdout + busy.stderr
+        assert "msr-retrain: a retrain is already running" in busy.stderr, busy.stderr
+        assert json.loads((project / "outputs/register.json").read_text())["version"] == 4
     finally:
         for srv in (api, provider): srv.shutdown(); srv.server_close()
 
