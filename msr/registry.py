@@ -22,7 +22,7 @@ from .core import AUDIO_FEATURES, METRICS_DIR, MODELS_DIR, TRACK_ID, TRACKS, loa
 from .monitor import open_monitor
 from .recommend import MODEL_FORMAT
 from .seeds import RECORD_FIELDS
-from .serve import CARD_COLUMNS, MAX_QUERIES, RESULT_COLUMNS, BadRequest, Service, Unavailable
+from .serve import CARD_COLUMNS, MAX_QUERIES, RESULT_COLUMNS, BadRequest, Service, Unavailable, check_row, table_row
 from .tracking import setup_mlflow, stage_run, tracking_uri
 
 # %% auto #0
@@ -83,13 +83,17 @@ class MsrModel(mlflow.pyfunc.PythonModel):
 
 # %% ../nbs/13a_registry.ipynb #4bcf4f1f
 def _answer(service: Service, i: int, row: dict, many: bool):
-    "The `Service` answer to one request row, its refusals as MLflow errors naming the query when the request has several."
-    try: return service.recommend(row.get("seeds"), row.get("k"), log=False, playlist_url=row.get("playlist_url"), tracks=row.get("tracks"))
+    "The `Service` answer to one request row held to msr's request contract (`check_row`), its refusals as MLflow errors naming the row when the request has several."
+    where = f"row {i}: " if many else ""
+    try:
+        q = check_row(i, table_row(row), many)  # the refusal names the row itself
+        return service.recommend(q["seeds"], q["k"], log=False, playlist_url=q["playlist_url"], tracks=q["tracks"])
     except BadRequest as e:
-        raise MlflowException.invalid_parameter_value(f"query {i}: {e}" if many else str(e)) from None
+        message = str(e)
+        raise MlflowException.invalid_parameter_value(message if message.startswith(where) else where + message) from None
     except Unavailable as e:  # HTTP 503: worth retrying later
         from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
-        raise MlflowException(f"query {i}: {e}" if many else str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
+        raise MlflowException(where + str(e), error_code=TEMPORARILY_UNAVAILABLE) from None
 
 def answer_records(answers: list) -> list[dict]:
     "One record per recommended track (OUTPUT_COLUMNS), query by query: what the REST services answer."
@@ -108,7 +112,7 @@ def predict(self: MsrModel, context, model_input: pd.DataFrame, params: dict | N
     return answer_records(answers)
 
 # %% ../nbs/13a_registry.ipynb #e38681cc
-REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml"]
+REQUIREMENTS = ["mlflow", "numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "lightgbm", "pyyaml", "pydantic"]
 
 def pinned_requirements(names: list[str] = REQUIREMENTS) -> list[str]:
     "`name==version` for the installed packages the served model needs."

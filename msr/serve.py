@@ -6,15 +6,16 @@
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
 
 import numpy as np
 import pandas as pd
 from fastcore.basics import patch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 from .core import AUDIO_FEATURES, MODELS_DIR, TRACK_ID, TRACKS
 from .monitor import AudioProfile, MonitorLog, artist_diversity
@@ -24,9 +25,10 @@ from .features import playlist_seeds
 from .spotify import BadPlaylistLink, ImportedPlaylist, NotConfigured, NotFound, NotPermitted, SpotifyError
 
 # %% auto #0
-__all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'TRACK_ID_RE', 'ROW_FIELDS', 'MAX_TEXT', 'CARD_COLUMNS',
-           'RESULT_COLUMNS', 'BadRequest', 'Unavailable', 'parse_seeds', 'parse_tracks', 'parse_k', 'quote',
-           'check_row', 'spotify_url', 'Answer', 'Service', 'import_link']
+__all__ = ['DEFAULT_K', 'MAX_K', 'MAX_SEEDS', 'MAX_QUERIES', 'ROW_FIELDS', 'MAX_TEXT', 'TrackId', 'Text', 'Number', 'TrackRecord',
+           'CARD_COLUMNS', 'RESULT_COLUMNS', 'BadRequest', 'Unavailable', 'parse_seeds', 'parse_tracks', 'parse_k',
+           'quote', 'Query', 'check_row', 'table_row', 'request_schema', 'spotify_url', 'Answer', 'Service',
+           'import_link']
 
 # %% ../nbs/13_serve.ipynb #b46e1eee
 DEFAULT_K = 20  # results when a request gives no k
@@ -98,65 +100,89 @@ def quote(value, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + f"…({len(text)} characters)"
 
 # %% ../nbs/13_serve.ipynb #f51881b6
-TRACK_ID_RE = re.compile(r"[0-9A-Za-z]{22}")  # a Spotify track id
 ROW_FIELDS = ("seeds", "k", "playlist_url", "tracks")  # what a query row may hold
 _WHOLE = {"key", "mode", "duration_ms", "track_popularity"}  # record fields that are integers
 _NUMBERS = set(AUDIO_FEATURES) | {"track_popularity"}  # record fields that are numbers; the others are text
 MAX_TEXT = 500  # characters of a text field (a link, a title)
 
-def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+TrackId = Annotated[StrictStr, Field(min_length=22, max_length=22, pattern=r"^[0-9A-Za-z]{22}$",
+                                     description="a Spotify track id: 22 letters and digits")]
+Text = Annotated[StrictStr, Field(max_length=MAX_TEXT)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
-# %% ../nbs/13_serve.ipynb #9590c067
-def _check_seeds(where: str, seeds) -> list:
-    if not isinstance(seeds, list): raise BadRequest(f"{where}'seeds' must be a list of Spotify track ids, got {quote(seeds)}")
-    if len(seeds) > MAX_SEEDS: raise BadRequest(f"{where}too many seeds: {len(seeds)} (at most {MAX_SEEDS} per query)")
-    for j, s in enumerate(seeds):
-        if not isinstance(s, str) or not TRACK_ID_RE.fullmatch(s):
-            raise BadRequest(f"{where}'seeds[{j}]' must be a 22-character Spotify track id, got {quote(s)}")
-    return seeds
+def _record_field(name: str):
+    kind = TrackId if name == TRACK_ID else StrictInt if name in _WHOLE else Number if name in _NUMBERS else Text
+    return (Optional[kind], None)
 
-def _check_k(where: str, k) -> int:
-    if k is None: return DEFAULT_K
-    if not _is_int(k): raise BadRequest(f"{where}'k' must be an integer from 1 to {MAX_K}, got {quote(k)}")
-    if not 1 <= k <= MAX_K: raise BadRequest(f"{where}'k' must be from 1 to {MAX_K}, got {quote(k)}")
-    return k
+TrackRecord = create_model(
+    "TrackRecord", __config__=ConfigDict(extra="forbid"),
+    __doc__="A song described rather than named by id (msr.seeds): any of these fields; the catalogue's or a foreign song.",
+    **{name: _record_field(name) for name in RECORD_FIELDS})
 
-# %% ../nbs/13_serve.ipynb #825c580d
-def _check_value(where: str, name: str, v):
-    "One field of a track record, held to its type."
-    if v is None: return
-    if name in _WHOLE and not _is_int(v): raise BadRequest(f"{where}'{name}' must be an integer, got {quote(v)}")
-    if name in _NUMBERS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-        raise BadRequest(f"{where}'{name}' must be a number, got {quote(v)}")
-    if name not in _NUMBERS and name not in _WHOLE and (not isinstance(v, str) or len(v) > MAX_TEXT):
-        raise BadRequest(f"{where}'{name}' must be text of at most {MAX_TEXT} characters, got {quote(v)}")
-    if name == "track_id" and not TRACK_ID_RE.fullmatch(v): raise BadRequest(f"{where}'track_id' must be a 22-character Spotify track id, got {quote(v)}")
+class Query(BaseModel):
+    "One query: seed track ids, track records and/or a Spotify playlist link (at least one), and how many results."
+    model_config = ConfigDict(extra="forbid", title="msr query")
+    seeds: Optional[Annotated[list[TrackId], Field(max_length=MAX_SEEDS)]] = None
+    k: Optional[Annotated[StrictInt, Field(ge=1, le=MAX_K, description=f"results (default {DEFAULT_K})")]] = None
+    playlist_url: Optional[Text] = Field(None, description="a Spotify playlist link, URI or id")
+    tracks: Optional[Annotated[list[TrackRecord], Field(max_length=MAX_SEEDS)]] = None
 
-def _check_tracks(where: str, tracks) -> list:
-    if not isinstance(tracks, list): raise BadRequest(f"{where}'tracks' must be a list of track records, got {quote(tracks)}")
-    if len(tracks) > MAX_SEEDS: raise BadRequest(f"{where}too many tracks: {len(tracks)} (at most {MAX_SEEDS} per query)")
-    for j, t in enumerate(tracks):
-        if not isinstance(t, dict): raise BadRequest(f"{where}'tracks[{j}]' must be a track record (an object), got {quote(t)}")
-        unknown = [f for f in t if f not in RECORD_FIELDS]
-        if unknown: raise BadRequest(f"{where}'tracks[{j}]' has an unknown field {quote(unknown[0])}; a record may hold {', '.join(RECORD_FIELDS)}")
-        for name, v in t.items(): _check_value(f"{where}'tracks[{j}]': ", name, v)
-    return [{f: v for f, v in t.items() if v is not None} for t in tracks]
+    @model_validator(mode="after")
+    def _some_seeds(self):
+        if not (self.seeds or self.tracks or self.playlist_url):
+            raise PydanticCustomError("no_seeds", "give 'seeds' (Spotify track ids), 'tracks' (track records) or a 'playlist_url'")
+        return self
 
 # %% ../nbs/13_serve.ipynb #a0868d67
+def _kind(name: str) -> str:
+    if name == TRACK_ID: return "a 22-character Spotify track id"
+    if name in _WHOLE: return "an integer"
+    return "a number" if name in _NUMBERS else f"text of at most {MAX_TEXT} characters"
+
+def _say(e: dict, where: str) -> str:
+    "msr's message for one of pydantic's errors of a `Query`."
+    loc, kind, got = e["loc"], e["type"], quote(e.get("input"))
+    if kind == "extra_forbidden":
+        if len(loc) == 1: return f"{where}unknown field {quote(loc[0])}; a query may hold {', '.join(ROW_FIELDS)}"
+        return f"{where}'tracks[{loc[1]}]' has an unknown field {quote(loc[2])}; a record may hold {', '.join(RECORD_FIELDS)}"
+    if not loc: return where + (e["msg"] if kind == "no_seeds" else f"a query must be an object with {', '.join(ROW_FIELDS)}, got {got}")
+    field = loc[0]
+    if len(loc) == 1 and kind == "too_long": return f"{where}too many {field}: {e['ctx']['actual_length']} (at most {MAX_SEEDS} per query)"
+    if field == "seeds":
+        if len(loc) == 1: return f"{where}'seeds' must be a list of Spotify track ids, got {got}"
+        return f"{where}'seeds[{loc[1]}]' must be a 22-character Spotify track id, got {got}"
+    if field == "k":
+        if kind in ("greater_than_equal", "less_than_equal"): return f"{where}'k' must be from 1 to {MAX_K}, got {got}"
+        return f"{where}'k' must be an integer from 1 to {MAX_K}, got {got}"
+    if field == "playlist_url": return f"{where}'playlist_url' must be a Spotify playlist link (text), got {got}"
+    if len(loc) == 1: return f"{where}'tracks' must be a list of track records, got {got}"
+    if len(loc) == 2: return f"{where}'tracks[{loc[1]}]' must be a track record (an object), got {got}"
+    return f"{where}'tracks[{loc[1]}]': '{loc[2]}' must be {_kind(loc[2])}, got {got}"
+
 def check_row(i: int, row, many: bool = True) -> dict:
-    "Query row `i`, every field held to its type: {'seeds', 'k', 'playlist_url', 'tracks'} (None where absent), or a 400."
+    "Query row `i` held to the contract (`Query`): {'seeds', 'k', 'playlist_url', 'tracks'} (None where absent), or a 400."
     where = f"row {i}: " if many else ""
-    if not isinstance(row, dict): raise BadRequest(f"{where}a query must be an object with {', '.join(ROW_FIELDS)}, got {quote(row)}")
-    unknown = [f for f in row if f not in ROW_FIELDS]
-    if unknown: raise BadRequest(f"{where}unknown field {quote(unknown[0])}; a query may hold {', '.join(ROW_FIELDS)}")
-    seeds, url, tracks = row.get("seeds"), row.get("playlist_url"), row.get("tracks")
-    if url is not None and (not isinstance(url, str) or len(url) > MAX_TEXT):
-        raise BadRequest(f"{where}'playlist_url' must be a Spotify playlist link (text), got {quote(url)}")
-    out = {"seeds": None if seeds is None else _check_seeds(where, seeds), "k": _check_k(where, row.get("k")),
-           "playlist_url": url, "tracks": None if tracks is None else _check_tracks(where, tracks)}
-    if not (out["seeds"] or out["tracks"] or url):
-        raise BadRequest(f"{where}give 'seeds' (Spotify track ids), 'tracks' (track records) or a 'playlist_url'")
+    try: q = Query.model_validate(row)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        first = next((x for x in errors if x["type"] == "extra_forbidden" and len(x["loc"]) == 1), errors[0])  # unknown fields first
+        raise BadRequest(_say(first, where)) from None
+    return {"seeds": q.seeds, "k": DEFAULT_K if q.k is None else q.k, "playlist_url": q.playlist_url,
+            "tracks": None if q.tracks is None else [t.model_dump(exclude_none=True) for t in q.tracks]}
+
+def table_row(row: dict) -> dict:
+    "A row of the DataFrame MLflow's scoring server hands a pyfunc model, as the JSON object it came from: empty cells left out, numpy values as Python's, a whole-number float `k` (a column with gaps) as an int."
+    out = {}
+    for name, v in row.items():
+        if isinstance(v, np.ndarray): v = v.tolist()
+        elif isinstance(v, np.generic): v = v.item()
+        if _missing(v): continue
+        out[name] = int(v) if name == "k" and isinstance(v, float) and v.is_integer() else v
     return out
+
+def request_schema() -> dict:
+    "The contract of one query as JSON Schema (README prints it)."
+    return Query.model_json_schema()
 
 # %% ../nbs/13_serve.ipynb #b2c812d6
 CARD_COLUMNS = ["track_name", "track_artist", "track_album_name"]  # what a result shows besides its id

@@ -15,9 +15,14 @@ import msr
 from .core import AUDIO_FEATURES, GENRE, PLAYLIST_ID, TRACK_ID, load_params, project_root
 
 # %% auto #0
-__all__ = ['SMALL', 'toy_world', 'small_params', 'process_memory', 'readme_block', 'sh', 'free_port', 'after_make_run', 'Service']
+__all__ = ['SMALL', 'toy_id', 'toy_world', 'small_params', 'process_memory', 'readme_block', 'sh', 'free_port', 'after_make_run',
+           'Service']
 
 # %% ../nbs/17_testing.ipynb #df5ea1c3
+def toy_id(i: int) -> str:
+    "The toy world's track `i`: a 22-character base62 id, like Spotify's (\"00000000000000000t0042\")."
+    return f"t{i:04d}".rjust(22, "0")
+
 def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, seed: int = 0):
     "A small synthetic (tracks, playlist_tracks) pair in the real tables' shape, for tests and examples."
     rng = np.random.default_rng(seed)
@@ -26,7 +31,7 @@ def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, 
     art = np.repeat(np.arange(n_artists), per_artist)
     feats = np.clip(centers[art] + rng.normal(0, 0.03, (n, len(AUDIO_FEATURES))), 0, 1)
     tracks = pd.DataFrame(feats, columns=AUDIO_FEATURES)
-    tracks.insert(0, TRACK_ID, [f"t{i:04d}" for i in range(n)])
+    tracks.insert(0, TRACK_ID, [toy_id(i) for i in range(n)])
     tracks["track_artist"] = [f"artist {a}" for a in art]
     tracks["track_album_id"] = [f"al{a}-{i % 2}" for a, i in zip(art, range(n))]
     tracks["track_album_release_date"] = [str(1990 + a % 30) for a in art]
@@ -38,7 +43,7 @@ def toy_world(n_artists: int = 40, per_artist: int = 10, n_playlists: int = 60, 
         arts = rng.choice(n_artists, 3, replace=False)
         for a in arts:
             for i in rng.choice(per_artist, 6, replace=False):
-                rows.append((f"p{p:03d}", f"{genres[arts[0] % 3]} mix {p}", f"t{a * per_artist + i:04d}", genres[arts[0] % 3]))
+                rows.append((f"p{p:03d}", f"{genres[arts[0] % 3]} mix {p}", toy_id(a * per_artist + i), genres[arts[0] % 3]))
     return tracks, pd.DataFrame(rows, columns=[PLAYLIST_ID, "playlist_name", TRACK_ID, GENRE])
 
 # %% ../nbs/17_testing.ipynb #cbb4ad69

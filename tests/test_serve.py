@@ -37,7 +37,7 @@ def test_pyfunc_model_under_mlflow_models_serve(served_project, tmp_path):
         assert status == 200 and len(body["predictions"]) == 10, body
         seeds, _ = playlist_seeds(served_project)
         status, body = post(url, {"dataframe_records": [{"seeds": seeds, "k": 5}, {"seeds": ["0" * 22], "k": 5}]})
-        assert status == 400 and "query 1: none of the 1 seed" in body["message"], body
+        assert status == 400 and "row 1: none of the 1 seed" in body["message"], body
         assert len(logged(tmp_path / "served.sqlite", at_least=1)) == 1  # the pyfunc model logs its answers itself
     finally: stop_server(proc)
 
