@@ -143,7 +143,7 @@ def main(retrain: Param("retrain (params.yaml's desk.retrain, `dvc repro`) when 
           f"(threshold {report['threshold']:.2%})" + (f" — {report['reason']}" if report.get("reason") else ""))
     if report["retrain"] and retrain:
         print("msr-feed: retraining (msr-retrain)", flush=True)
-        from msr.desk import retrain_main  # the desk's, the DAG's and this one retrain: one lock, one status, one audit log
-        sys.exit(retrain_main(["--by", "msr-feed"]))
+        # the desk's, the DAG's and this one retrain: one lock, one status, one audit log (msr.desk, run as its command)
+        sys.exit(subprocess.run([str(Path(sys.executable).parent / "msr-retrain"), "--by", "msr-feed"]).returncode)
     elif report["retrain"]:
         print("msr-feed: the catalogue grew past the threshold: run `msr-retrain` (or msr-feed --retrain) to retrain")
