@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 from fastcore.basics import patch
 
 from .core import CallError, http_json, load_params, private_file, project_root, write_private
@@ -210,12 +211,6 @@ def retrain_running(root: str | Path | None = None) -> bool:
     with retrain_lock(root) as f: return f is None
 
 # %% ../nbs/19_desk.ipynb #063935e1
-def _alive(pid) -> bool:
-    try: os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError): return False
-    except PermissionError: return True
-    return True
-
 def retrain_status(root: str | Path | None = None, lines: int = 40) -> dict:
     """The latest retrain: state (idle, running, finished, failed, or dead: it said running but nobody holds the lock),
     who, when, the stage it is in, and its log's last lines."""
@@ -225,7 +220,7 @@ def retrain_status(root: str | Path | None = None, lines: int = 40) -> dict:
         if not retrain_running(root):
             status.update(state="dead", error=f"the retrain ended without saying how (its processes {status.get('pid')} and "
                                               f"{status.get('child')} are gone: killed or crashed); start it again")
-        elif not _alive(status.get("pid")):
+        elif not psutil.pid_exists(status["pid"]):
             status["note"] = f"its starter (pid {status.get('pid')}) is gone; the command (pid {status.get('child')}) still runs"
     log = (d / RETRAIN_LOG).read_text(errors="replace") if (d / RETRAIN_LOG).exists() and status["state"] != "idle" else ""
     stages = re.findall(r"Running stage '([^']+)'", log)
@@ -268,7 +263,8 @@ def run_retrain(by: str,  # who starts it: a hub admin, msr-feed, airflow
             def step(argv) -> int:
                 try:
                     p = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, pass_fds=[lock.fileno()], text=bool(echo), errors="replace")
+                                         stdin=subprocess.DEVNULL, env=env, pass_fds=[lock.fileno()], text=bool(echo),
+                                         errors="replace" if echo else None)
                 except OSError as e:
                     log.write(f"msr-retrain: could not run {argv[0]}: {e}\n"); return 127
                 _write_status(root, **running, child=p.pid)
