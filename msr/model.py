@@ -23,7 +23,7 @@ from .transform import track_genre_labels
 
 # %% auto #0
 __all__ = ['SIMILARITY', 'FEATURES', 'FOREIGN_MODES', 'FUSION_KEYS', 'Catalogue', 'PlaylistStats', 'knn_share', 'fused_order',
-           'MsrRecommender']
+           'MsrRecommender', 'bagged_scores']
 
 # %% ../nbs/11_model.ipynb #7155bfc0
 SIMILARITY = ["danceability", "energy", "loudness", "speechiness", "acousticness",
@@ -511,6 +511,7 @@ class MsrRecommender(Recommender):
                  ltr_settings: list,  # seed fraction (<1) or count of the ranker's queries
                  ltr_foreign: list,  # each ranker query gets a twin with simulated foreign seeds, in these modes (of FOREIGN_MODES)
                  ranker: dict,  # LGBMRanker arguments
+                 ranker_bags: int,  # rankers, each trained on its own draw of the ranker's queries; their scores averaged
                  genre: dict,  # `fit_genre_classifier` arguments (the fallback genre classifier)
                  clusters: dict,  # `fit_genre_mixtures` arguments (the audio mixture priors)
                  seed: int,  # seed of the ranker's queries and of LightGBM
@@ -527,6 +528,9 @@ class MsrRecommender(Recommender):
         if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
         self.ltr_foreign = tuple(ltr_foreign)
         self.ranker, self.genre, self.clusters = dict(ranker), dict(genre), dict(clusters)
+        if isinstance(ranker_bags, bool) or not isinstance(ranker_bags, numbers.Integral) or ranker_bags < 1:
+            raise ValueError(f"ranker_bags: a whole number >= 1, not {ranker_bags!r}")
+        self.ranker_bags = int(ranker_bags)
         self.fusion = _check_fusion(fusion)
 
 # %% ../nbs/11_model.ipynb #7c197634
@@ -553,9 +557,15 @@ def _queries_of(self: MsrRecommender, members: np.ndarray, rng: np.random.Genera
 
 # %% ../nbs/11_model.ipynb #f4d6941d
 @patch
-def _training_folds(self: MsrRecommender, playlist_tracks: pd.DataFrame) -> list:
-    "The ranker's folds: each fold's queries (Seeds, held-out) and the playlists outside it, which give their statistics."
-    rng = np.random.default_rng(self.seed)
+def _draws(self: MsrRecommender, stream: int, bag: int) -> np.random.Generator:
+    "Bag `bag`'s random numbers for `stream` (0: the ranker's folds and queries, 1: thinning); bag 0 draws as a lone ranker."
+    key = [self.seed] if stream == 0 else [self.seed, stream]
+    return np.random.default_rng(key if bag == 0 else [self.seed, stream, bag])
+
+@patch
+def _training_folds(self: MsrRecommender, playlist_tracks: pd.DataFrame, bag: int = 0) -> list:
+    "The ranker's folds for bag `bag`: each fold's queries (Seeds, held-out) and the playlists outside it, which give their statistics."
+    rng = self._draws(0, bag)
     pl, _ = pd.factorize(playlist_tracks[PLAYLIST_ID], sort=True)
     tr = self.catalogue_.ids.get_indexer(playlist_tracks[TRACK_ID])
     order = np.argsort(pl, kind="stable")
@@ -586,6 +596,7 @@ def _stats(self: MsrRecommender, tracks, playlist_tracks):
 @patch
 def _ranker_data(self: MsrRecommender,
                  folds,  # (queries, PlaylistStats) pairs, an iterable: one fold's statistics at a time need be in memory
+                 bag: int = 0,  # the bag whose draw this is (its thinning's random numbers)
                 ) -> tuple[list, list]:
     "Each useful query's candidate features and labels (held out or not), scored with its fold's statistics, cold positives thinned to the warm rate."
     rows = []
@@ -599,7 +610,7 @@ def _ranker_data(self: MsrRecommender,
     cold_rate, warm_rate = cold_pos / max(cold_pos + cold_neg, 1), warm_pos / max(warm_pos + warm_neg, 1)
     # keep a share s of the cold positives so that s·cold_pos / (s·cold_pos + cold_neg) = warm_rate
     keep_share = min(1.0, warm_rate * cold_neg / (cold_pos * (1 - warm_rate))) if cold_pos else 1.0
-    rng = np.random.default_rng([self.seed, 1])
+    rng = self._draws(1, bag)
     X, y, dropped = [], [], 0
     for F, label, cold in rows:
         keep = ~(label & cold) | (rng.random(len(label)) < keep_share)
@@ -612,30 +623,44 @@ def _ranker_data(self: MsrRecommender,
 
 # %% ../nbs/11_model.ipynb #0240d104
 @patch
-def _fit_ranker(self: MsrRecommender, X: list, y: list):
-    "The linear prefilter on every candidate, then LambdaRank on the `n_rank` it keeps per query."
+def _fit_ranker(self: MsrRecommender, X: list, y: list, bag: int = 0):
+    "Bag 0: the linear prefilter on every candidate. Then LambdaRank on the `n_rank` the prefilter keeps per query, one more in `rankers_`."
     import lightgbm as lgb
-    self.prefilter_ = _fit_prefilter(np.vstack(X), np.concatenate(y))
+    if bag == 0: self.prefilter_, self.rankers_ = _fit_prefilter(np.vstack(X), np.concatenate(y)), []
     keep = [_top(self.prefilter_(F), self.n_rank) for F in X]
     Xr, yr = np.vstack([F[i] for F, i in zip(X, keep)]), np.concatenate([l[i] for l, i in zip(y, keep)])
     # two training threads whatever the machine (the same trees everywhere: deterministic, row-wise histograms);
-    # scoring a query's 150 rows does not use these settings
-    self.model_ = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed, n_jobs=2, deterministic=True,
-                                 force_row_wise=True, verbose=-1, **self.ranker)
-    self.model_.fit(Xr, yr.astype(int), group=[len(i) for i in keep])
-    self.training_ = {"queries": len(X), "candidates": int(sum(len(l) for l in y)), "ranked_rows": len(yr),
-                      "positives": int(sum(l.sum() for l in y)), "positives_after_prefilter": int(yr.sum())}
+    # scoring a query's `n_rank` rows does not use these settings
+    ranker = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed + bag, n_jobs=2, deterministic=True,
+                            force_row_wise=True, verbose=-1, **self.ranker)
+    ranker.fit(Xr, yr.astype(int), group=[len(i) for i in keep])
+    self.rankers_.append(ranker.booster_)
+    if bag == 0: self.training_ = {"queries": len(X), "candidates": int(sum(len(l) for l in y)), "ranked_rows": len(yr),
+                                   "positives": int(sum(l.sum() for l in y)), "positives_after_prefilter": int(yr.sum())}
 
 # %% ../nbs/11_model.ipynb #c1b132a9
 @patch
 def _fit(self: MsrRecommender, tracks, playlist_tracks):
     self.catalogue_ = Catalogue(tracks, self.lookup_, exact_limit=self.exact_knn_limit)
     self.features_ = list(FEATURES)
-    folds = self._training_folds(playlist_tracks)
-    X, y = self._ranker_data((queries, self._stats(tracks, rest)) for queries, rest in folds)
-    self._fit_ranker(X, y)
-    self.training_.update(self.cold_, folds=len(folds))
+    for bag in range(self.ranker_bags):  # one draw at a time: a bag's rows are let go before the next is drawn
+        folds = self._training_folds(playlist_tracks, bag)
+        X, y = self._ranker_data(((queries, self._stats(tracks, rest)) for queries, rest in folds), bag)
+        self._fit_ranker(X, y, bag)
+        if bag == 0: self.training_.update(self.cold_, folds=len(folds), bags=self.ranker_bags)
     self.stats_ = self._stats(tracks, playlist_tracks)
+
+# %% ../nbs/11_model.ipynb #c3d1e8f2
+def bagged_scores(rankers: list,  # LightGBM boosters, one per bag
+                  X: np.ndarray,  # one query's rows (FEATURES order)
+                 ) -> np.ndarray:
+    "The bags' mean score of each row of one query, each bag's scores standardised over the rows (one bag: its own scores)."
+    if len(rankers) == 1: return rankers[0].predict(X)
+    total = np.zeros(len(X))
+    for ranker in rankers:
+        s = ranker.predict(X)
+        total += (s - s.mean()) / (s.std() or 1.0)
+    return total / len(rankers)
 
 # %% ../nbs/11_model.ipynb #ab7df083
 @patch
@@ -643,7 +668,7 @@ def _scored(self: MsrRecommender, q: Seeds):
     "Candidates best first, with their features and fused scores, and the seeds' genre."
     cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc, self.n_knn)
     keep = _top(self.prefilter_(F), self.n_rank)
-    s = self.model_.booster_.predict(F[keep])
+    s = bagged_scores(self.rankers_, F[keep])
     order, scores = fused_order(len(cands), keep[_top(s, len(s))], F[:, _COL["item_knn"]], knn_share(self.fusion, q),
                                 self.fusion["constant"])
     return cands[order], F[order], scores, g
@@ -685,9 +710,12 @@ def recommend_explained(self: MsrRecommender, seeds, k: int = 20) -> pd.DataFram
 @patch
 def __setstate__(self: MsrRecommender, state):
     "Refuse a pickled model whose ranker was trained on another feature set than this msr computes."
-    if "model_" in state and state.get("features_") != FEATURES:
+    if ("rankers_" in state or "model_" in state) and state.get("features_") != FEATURES:
         raise ValueError("this model was trained on a different feature set than this msr version computes: "
                          "retrain it (dvc repro)")
+    if "model_" in state:  # saved before the bags: its one ranker
+        state = {**state, "rankers_": [state["model_"].booster_], "ranker_bags": 1}
+        del state["model_"]
     self.__dict__.update(state)
     # saved before the fusion: its ranker's order; before known_share: its fixed weight
     self.fusion = {"knn_weight": 0.0, "constant": 20.0, "known_share": False, **state.get("fusion", {})}
