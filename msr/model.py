@@ -492,6 +492,12 @@ def fused_order(n: int,  # candidates
     return order, score[order] * (constant + 1)  # scaled: a candidate first in both orders scores 1
 
 # %% ../nbs/11_model.ipynb #3fabffe3
+def _whole(name: str, value, least: int) -> int:
+    "`value` as an int, or a ValueError naming the parameter `name` if it is not a whole number >= `least`."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name}: a whole number >= {least}, not {value!r}")
+    return int(value)
+
 class MsrRecommender(Recommender):
     "Candidate generators + LightGBM LambdaRank over playlist, artist, album, audio, era and genre features."
     name = "msr"
@@ -516,21 +522,17 @@ class MsrRecommender(Recommender):
                  clusters: dict,  # `fit_genre_mixtures` arguments (the audio mixture priors)
                  seed: int,  # seed of the ranker's queries and of LightGBM
                 ):
-        self.n_audio, self.n_cooc, self.n_popular, self.n_rank = n_audio, n_cooc, n_popular, n_rank
+        self.n_audio, self.n_cooc, self.n_popular, self.n_rank = n_audio, n_cooc, n_popular, _whole("n_rank", n_rank, 1)
         self.n_knn, self.neighbours = n_knn, dict(neighbours)
         self.exact_knn_limit = exact_knn_limit
         self.ltr_fraction, self.ltr_max_playlists = ltr_fraction, ltr_max_playlists
-        if isinstance(ltr_folds, bool) or not isinstance(ltr_folds, numbers.Integral) or ltr_folds < 1:
-            raise ValueError(f"ltr_folds: a whole number >= 1, not {ltr_folds!r}")
-        self.ltr_folds = int(ltr_folds)
+        self.ltr_folds = _whole("ltr_folds", ltr_folds, 1)
         self.ltr_settings, self.seed = tuple(ltr_settings), seed
         bad = set(ltr_foreign) - set(FOREIGN_MODES)
         if bad: raise ValueError(f"ltr_foreign: unknown mode(s) {sorted(bad)}; choose from {list(FOREIGN_MODES)}")
         self.ltr_foreign = tuple(ltr_foreign)
         self.ranker, self.genre, self.clusters = dict(ranker), dict(genre), dict(clusters)
-        if isinstance(ranker_bags, bool) or not isinstance(ranker_bags, numbers.Integral) or ranker_bags < 1:
-            raise ValueError(f"ranker_bags: a whole number >= 1, not {ranker_bags!r}")
-        self.ranker_bags = int(ranker_bags)
+        self.ranker_bags = _whole("ranker_bags", ranker_bags, 1)
         self.fusion = _check_fusion(fusion)
 
 # %% ../nbs/11_model.ipynb #7c197634
