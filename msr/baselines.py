@@ -25,7 +25,8 @@ from .transform import track_genre_labels
 
 # %% auto #0
 __all__ = ['SIMILARITIES', 'BASELINES', 'RandomRecommender', 'PopularityRecommender', 'ContentRecommender', 'OriginalRecommender',
-           'KnnRecommender', 'item_similarity', 'real_albums', 'seed_weights', 'neighbour_scores']
+           'KnnRecommender', 'item_similarity', 'real_albums', 'seed_weights', 'row_entries', 'neighbour_scores',
+           'reached']
 
 # %% ../nbs/06a_baselines.ipynb #c7bb6a1c
 def _query_seed(q: Seeds) -> int:
@@ -224,14 +225,28 @@ def _seed_row(model: KnnRecommender, q: Seeds) -> np.ndarray:
                          f"{q.n_foreign} foreign seeds have no artist or album in the catalogue")
     return w
 
+def row_entries(indptr: np.ndarray,  # where each row's entries start (a CSR matrix's indptr), and where the last ends
+                rows: np.ndarray,  # the rows wanted
+               ) -> tuple[np.ndarray, np.ndarray]:
+    "The positions of `rows`' entries, row after row in the order given, and each row's length: one gather, no loop over rows."
+    starts = indptr[rows]
+    lens = indptr[rows + 1] - starts
+    return np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum()), lens
+
 def neighbour_scores(S: sp.csr_matrix,  # `item_similarity`
                      w: np.ndarray,  # `seed_weights`
                     ) -> tuple[np.ndarray, np.ndarray]:
     "The tracks the weighted seeds reach through `S` (sorted catalogue indices) and their summed similarity (> 0): w @ S."
-    j = np.flatnonzero(w)
-    starts, lens = S.indptr[j], S.indptr[j + 1] - S.indptr[j]
-    at = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())  # the rows' entries, gathered
-    s = np.bincount(S.indices[at], weights=S.data[at] * np.repeat(w[j], lens), minlength=S.shape[1])
+    j = np.flatnonzero(w != 0)  # a float array's own nonzero costs ~8x more than a boolean's
+    return reached(S, j, w[j])
+
+def reached(S: sp.csr_matrix,  # `item_similarity`
+            j: np.ndarray,  # the tracks with a weight, sorted
+            wj: np.ndarray,  # their weights
+           ) -> tuple[np.ndarray, np.ndarray]:
+    "`neighbour_scores` from the seed weights' nonzero entries."
+    at, lens = row_entries(S.indptr, j)
+    s = np.bincount(S.indices[at], weights=S.data[at] * np.repeat(wj, lens), minlength=S.shape[1])
     u = np.flatnonzero(s > 0)
     return u, s[u]  # a gather and a bincount: ~4x faster than building a sparse row and multiplying
 

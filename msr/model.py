@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from fastcore.basics import patch
 from sklearn.preprocessing import StandardScaler
 
-from .baselines import _check_weight, item_similarity, neighbour_scores, real_albums, seed_weights
+from .baselines import _check_weight, item_similarity, neighbour_scores, reached, real_albums, row_entries, seed_weights
 from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
@@ -36,8 +36,7 @@ class _Inverted:
         self.order = np.argsort(codes, kind="stable")
         self.start = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=codes.max() + 1))])
     def lookup(self, codes: np.ndarray) -> np.ndarray:
-        if len(codes) == 0: return np.empty(0, np.int64)
-        return np.concatenate([self.order[self.start[c]:self.start[c + 1]] for c in codes])
+        return self.order[row_entries(self.start, codes)[0]]
 
 # %% ../nbs/11_model.ipynb #5229afaa
 class Catalogue:
@@ -227,10 +226,8 @@ _GAPS = _COL[f"gap_{SIMILARITY[0]}"]
 # %% ../nbs/11_model.ipynb #43eb97be
 def _member_counts(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     "For each of `keys`, how often it occurs in `values`."
-    if len(values) == 0: return np.zeros(len(keys), np.float32)
-    u, c = np.unique(values, return_counts=True)
-    pos = np.searchsorted(u, keys).clip(max=len(u) - 1)
-    return np.where(u[pos] == keys, c[pos], 0).astype(np.float32)
+    v = np.sort(values)
+    return (np.searchsorted(v, keys, "right") - np.searchsorted(v, keys, "left")).astype(np.float32)
 
 def _contains(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     "Whether each of `keys` is in the sorted array `sorted_values` (cheaper than np.isin for small arrays)."
@@ -239,20 +236,20 @@ def _contains(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_values[pos] == keys
 
 def _lookup_scores(u: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    "values[u == key] for each key of `keys` (0 where absent); `u` sorted."
-    if len(u) == 0: return np.zeros(len(keys), np.float32)
+    "values[..., u == key] for each key of `keys` (0 where absent); `u` sorted, `values` an array over `u` or rows of them."
+    if len(u) == 0: return np.zeros(values.shape[:-1] + (len(keys),), np.float32)
     pos = np.searchsorted(u, keys).clip(max=len(u) - 1)
-    return np.where(u[pos] == keys, values[pos], 0)
+    return np.where(u[pos] == keys, values[..., pos], 0)
 
 # %% ../nbs/11_model.ipynb #d73f0d2b
 def _rows(M: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "Column indices of `rows` of a CSR matrix, concatenated, and each row's length."
-    starts, ends = M.indptr[rows], M.indptr[rows + 1]
-    if len(rows) == 0: return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate([M.indices[s:e] for s, e in zip(starts, ends)]), ends - starts
+    at, lens = row_entries(M.indptr, rows)
+    return M.indices[at], lens
 
 def _cooc(st: PlaylistStats, playlists: np.ndarray):
     "Tracks of `playlists` (a playlist repeated once per seed that led to it): ids, weighted counts, playlist counts."
+    if len(playlists) == 0: return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float32)
     upl, w = np.unique(playlists, return_counts=True)
     co_tracks, lens = _rows(st.P, upl)
     co_u, inv = np.unique(co_tracks, return_inverse=True)
@@ -297,35 +294,43 @@ def _shared_features(cat: Catalogue, q: Seeds, cands: np.ndarray, artists: np.nd
                      co: tuple, ac: tuple) -> dict:
     "Seed counts, shared artists and albums, (artist) co-occurrence, and the share of foreign seeds and of seeds with audio."
     n_seeds = q.n
+    (cooc, cooc_pl), (acooc, acooc_pl) = (_lookup_scores(c[0], np.stack(c[1:]), cands) for c in (co, ac))
     return {"n_seeds": n_seeds,
             "same_artist": _member_counts(artists, cat.artist[cands]),
             "same_album": _member_counts(albums, cat.album[cands]),
-            "cooc": _lookup_scores(co[0], co[1], cands) / n_seeds,
-            "cooc_playlists": _lookup_scores(co[0], co[2], cands),
+            "cooc": cooc / n_seeds,
+            "cooc_playlists": cooc_pl,
             "foreign_share": q.n_foreign / n_seeds,
             "audio_share": (len(q.known) + q.has_audio.sum()) / n_seeds,
-            "artist_cooc": _lookup_scores(ac[0], ac[1], cands) / n_seeds,
-            "artist_cooc_playlists": _lookup_scores(ac[0], ac[2], cands)}
+            "artist_cooc": acooc / n_seeds,
+            "artist_cooc_playlists": acooc_pl}
 
 # %% ../nbs/11_model.ipynb #1703c0f9
+def _median(x: np.ndarray) -> float:
+    "`np.median` of a non-empty array without NaN, by one partition (np.median's own checks cost more than a few values' work)."
+    h = len(x) // 2
+    if len(x) % 2: return np.partition(x, h)[h]
+    return np.mean(np.partition(x, [h - 1, h])[h - 1:h + 1])
+
 def _track_features(cat: Catalogue, st: PlaylistStats, q: Seeds, cands: np.ndarray) -> dict:
     "Playlist count, artist size, popularity and year of the candidates, and their gaps to the seeds'."
     K = q.known
     pops = np.concatenate([cat.popularity[K], q.popularity[~np.isnan(q.popularity)]])
     years = np.concatenate([cat.year[K], q.year])
     years = years[~np.isnan(years)]
+    pop, year = cat.popularity[cands], cat.year[cands]
     return {"count": st.count[cands], "artist_size": cat.artist_size[cands],
-            "popularity": cat.popularity[cands],
-            "popularity_gap": np.abs(cat.popularity[cands] - pops.mean()) if len(pops) else np.nan,
-            "year": cat.year[cands],
-            "year_gap": np.abs(cat.year[cands] - np.median(years)) if len(years) else np.nan}
+            "popularity": pop, "popularity_gap": np.abs(pop - pops.mean()) if len(pops) else np.nan,
+            "year": year, "year_gap": np.abs(year - _median(years)) if len(years) else np.nan}
 
 # %% ../nbs/11_model.ipynb #41370249
 def _audio_features(cat: Catalogue, cands: np.ndarray, centroid: np.ndarray | None, knn: np.ndarray) -> dict:
     "Distance to the seeds' audio centroid, per-feature gaps, and whether a candidate is an audio neighbour."
-    A = cat.audio[cands]
-    gaps = np.abs(A - centroid) if centroid is not None else np.full((len(cands), len(SIMILARITY)), np.nan)
-    return {"dist_centroid": np.sqrt(((A - centroid) ** 2).sum(1)) if centroid is not None else np.nan,
+    if centroid is None: gaps, dist = np.full((len(cands), len(SIMILARITY)), np.nan), np.nan
+    else:
+        D = cat.audio[cands] - centroid
+        gaps, dist = np.abs(D), np.sqrt((D ** 2).sum(1))
+    return {"dist_centroid": dist,
             "knn": _contains(np.sort(knn), cands),
             **{f"gap_{f}": gaps[:, i] for i, f in enumerate(SIMILARITY)}}
 
@@ -343,15 +348,35 @@ def _genre_features(st: PlaylistStats, cands: np.ndarray, g: int, share: np.ndar
 
 # %% ../nbs/11_model.ipynb #fc10e4b9
 def _most(co: tuple, n: int) -> np.ndarray:
-    "The `n` tracks with the highest co-occurrence score (ties in track order)."
-    return co[0][np.argsort(-co[1], kind="stable")[:n]]
+    "The `n` tracks with the highest score (ties: the first in track order), in no particular order."
+    tracks, score = co[0], co[1]
+    if n >= len(score): return tracks
+    if n <= 0: return tracks[:0]
+    nth = np.partition(score, len(score) - n)[len(score) - n]  # the n-th highest score
+    above = score > nth
+    return np.concatenate([tracks[above], tracks[score == nth][:n - int(above.sum())]])
+
+def _union(parts: list, exclude: np.ndarray, n: int) -> np.ndarray:
+    "The sorted union of `parts` (indices into a catalogue of `n` tracks) without `exclude`."
+    every = np.concatenate(parts)
+    if n <= 32 * len(every):  # a small catalogue: a mask over it is cheaper than sorting
+        mask = np.zeros(n, bool)
+        mask[every] = True
+        mask[exclude] = False
+        return np.flatnonzero(mask)
+    u = np.unique(every)
+    return u[~_contains(np.sort(exclude), u)]
 
 def _neighbours(st: PlaylistStats, cat: Catalogue, q: Seeds) -> tuple[np.ndarray, np.ndarray]:
     "Tracks the seeds reach through the item similarity and their score per seed weight (empty without one)."
     if st.S is None: return np.empty(0, np.int64), np.empty(0, np.float32)
-    w = seed_weights(cat.lookup, st.albums, q)
-    u, s = neighbour_scores(st.S, w)
-    return u, (s / max(w.sum(), 1.0)).astype(np.float32)
+    if q.n_foreign:
+        w = seed_weights(cat.lookup, st.albums, q)
+        (u, s), total = neighbour_scores(st.S, w), w.sum()
+    else:  # catalogue tracks only: weight 1 each, without a catalogue-long array
+        j = np.unique(q.known)
+        (u, s), total = reached(st.S, j, np.ones(len(j))), float(len(j))
+    return u, (s / max(total, 1.0)).astype(np.float32)
 
 def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int, n_knn: int = 0):
     "Candidates for the seeds `q`, their features (rows in FEATURES order) and the seeds' genre; `n_knn` item neighbours among them."
@@ -368,8 +393,7 @@ def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: in
     # generators: the seeds' artists and albums, (artist) co-occurrence, audio neighbours, the genre's most played
     parts = [cat.by_artist.lookup(np.unique(artists)), cat.by_album.lookup(np.unique(albums)),
              _most(co, n_cooc), _most(ac, n_cooc), knn, st.popular[g], _most(nb, n_knn)]
-    cands = np.unique(np.concatenate(parts))
-    cands = cands[~_contains(np.sort(q.exclude), cands)]
+    cands = _union(parts, q.exclude, len(cat.artist))
     cols = {**_shared_features(cat, q, cands, artists, albums, co, ac), **_track_features(cat, st, q, cands),
             **_audio_features(cat, cands, centroid, knn), **_genre_features(st, cands, g, share, profile),
             "item_knn": _lookup_scores(nb[0], nb[1], cands)}
@@ -382,7 +406,9 @@ class _Linear:
     "A standardised linear scorer (missing values count as 0 after standardising); the same scores on every CPU."
     def __init__(self, mean, scale, coef): self.mean, self.scale, self.coef = mean, scale, coef
     def __call__(self, F: np.ndarray) -> np.ndarray:
-        Z = np.nan_to_num((F - self.mean) / self.scale, nan=0.0).astype(np.float64)
+        Z = F - self.mean
+        Z /= self.scale
+        Z = np.nan_to_num(Z, copy=False, nan=0.0).astype(np.float64)
         # float32 × float32 products are exact in float64; summed in any order (the BLAS kernel's), they round to the same float32
         # unless the sum lies within ~1e-15 of a float32 rounding boundary
         return (Z @ self.coef.astype(np.float64)).astype(np.float32)
@@ -484,7 +510,7 @@ def fused_order(n: int,  # candidates
     score = np.zeros(n)
     score[ranked] += (1 - knn_weight) / (constant + 1 + np.arange(len(ranked)))
     if knn_weight > 0:
-        reached = np.flatnonzero(np.nan_to_num(knn, nan=0.0) > 0)
+        reached = np.flatnonzero(knn > 0)  # NaN > 0 is False
         by_knn = reached[_top(knn[reached], len(reached))]
         score[by_knn] += knn_weight / (constant + 1 + np.arange(len(by_knn)))
     some = np.flatnonzero(score > 0)
