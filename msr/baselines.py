@@ -26,7 +26,7 @@ from .transform import track_genre_labels
 # %% auto #0
 __all__ = ['SIMILARITIES', 'BASELINES', 'RandomRecommender', 'PopularityRecommender', 'ContentRecommender', 'OriginalRecommender',
            'KnnRecommender', 'item_similarity', 'real_albums', 'seed_weights', 'row_entries', 'neighbour_scores',
-           'reached']
+           'sparse_neighbour_scores']
 
 # %% ../nbs/06a_baselines.ipynb #c7bb6a1c
 def _query_seed(q: Seeds) -> int:
@@ -238,13 +238,13 @@ def neighbour_scores(S: sp.csr_matrix,  # `item_similarity`
                     ) -> tuple[np.ndarray, np.ndarray]:
     "The tracks the weighted seeds reach through `S` (sorted catalogue indices) and their summed similarity (> 0): w @ S."
     j = np.flatnonzero(w != 0)  # a float array's own nonzero costs ~8x more than a boolean's
-    return reached(S, j, w[j])
+    return sparse_neighbour_scores(S, j, w[j])
 
-def reached(S: sp.csr_matrix,  # `item_similarity`
-            j: np.ndarray,  # the tracks with a weight, sorted
-            wj: np.ndarray,  # their weights
-           ) -> tuple[np.ndarray, np.ndarray]:
-    "`neighbour_scores` from the seed weights' nonzero entries."
+def sparse_neighbour_scores(S: sp.csr_matrix,  # `item_similarity`
+                            j: np.ndarray,  # the tracks with a weight, sorted
+                            wj: np.ndarray,  # their weights
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    "`neighbour_scores` from the seed weights' nonzero entries only."
     at, lens = row_entries(S.indptr, j)
     s = np.bincount(S.indices[at], weights=S.data[at] * np.repeat(wj, lens), minlength=S.shape[1])
     u = np.flatnonzero(s > 0)

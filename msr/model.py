@@ -13,7 +13,8 @@ import scipy.sparse as sp
 from fastcore.basics import patch
 from sklearn.preprocessing import StandardScaler
 
-from .baselines import _check_weight, item_similarity, neighbour_scores, reached, real_albums, row_entries, seed_weights
+from .baselines import (_check_weight, item_similarity, neighbour_scores, real_albums, row_entries, seed_weights,
+                           sparse_neighbour_scores)
 from .clusters import fit_genre_mixtures
 from .core import AUDIO_FEATURES, PLAYLIST_ID, TRACK_ID
 from .genre import fit_genre_classifier, playlist_features, playlist_genres
@@ -375,7 +376,7 @@ def _neighbours(st: PlaylistStats, cat: Catalogue, q: Seeds) -> tuple[np.ndarray
         (u, s), total = neighbour_scores(st.S, w), w.sum()
     else:  # catalogue tracks only: weight 1 each, without a catalogue-long array
         j = np.unique(q.known)
-        (u, s), total = reached(st.S, j, np.ones(len(j))), float(len(j))
+        (u, s), total = sparse_neighbour_scores(st.S, j, np.ones(len(j))), float(len(j))
     return u, (s / max(total, 1.0)).astype(np.float32)
 
 def _query(cat: Catalogue, st: PlaylistStats, q: Seeds, n_audio: int, n_cooc: int, n_knn: int = 0):
