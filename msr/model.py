@@ -225,8 +225,13 @@ _COL = {name: i for i, name in enumerate(FEATURES)}
 _GAPS = _COL[f"gap_{SIMILARITY[0]}"]
 
 # %% ../nbs/11_model.ipynb #43eb97be
-def _member_counts(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    "For each of `keys`, how often it occurs in `values`."
+def _dense(n: int, entries: int) -> bool:
+    "Whether an array over all `n` codes costs less than sorting `entries` values (numpy's per-call costs dominate small arrays)."
+    return n <= 32 * entries
+
+def _member_counts(values: np.ndarray, keys: np.ndarray, n: int | None = None) -> np.ndarray:
+    "For each of `keys`, how often it occurs in `values`; with `n` (every key < n), by a count over all codes when that is cheaper."
+    if n is not None and _dense(n, len(keys)): return np.bincount(values, minlength=n)[keys].astype(np.float32)
     v = np.sort(values)
     return (np.searchsorted(v, keys, "right") - np.searchsorted(v, keys, "left")).astype(np.float32)
 
@@ -235,6 +240,13 @@ def _contains(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     if len(sorted_values) == 0: return np.zeros(len(keys), bool)
     pos = np.searchsorted(sorted_values, keys).clip(max=len(sorted_values) - 1)
     return sorted_values[pos] == keys
+
+def _isin(keys: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    "Whether each of `keys` is in `values` (codes below `n`): a mask over the codes when that is cheaper than sorting."
+    if not _dense(n, len(keys)): return _contains(np.sort(values), keys)
+    mask = np.zeros(n, bool)
+    mask[values] = True
+    return mask[keys]
 
 def _lookup_scores(u: np.ndarray, values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     "values[..., u == key] for each key of `keys` (0 where absent); `u` sorted, `values` an array over `u` or rows of them."
@@ -251,10 +263,20 @@ def _rows(M: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _cooc(st: PlaylistStats, playlists: np.ndarray):
     "Tracks of `playlists` (a playlist repeated once per seed that led to it): ids, weighted counts, playlist counts."
     if len(playlists) == 0: return np.empty(0, np.int64), np.empty(0, np.float32), np.empty(0, np.float32)
-    upl, w = np.unique(playlists, return_counts=True)
+    n_playlists, n_tracks = st.P.shape
+    if _dense(n_playlists, len(playlists)):  # counts over every playlist, as np.unique's but without its sort
+        w = np.bincount(playlists, minlength=n_playlists)
+        upl = np.flatnonzero(w)
+        w = w[upl]
+    else: upl, w = np.unique(playlists, return_counts=True)
     co_tracks, lens = _rows(st.P, upl)
+    weights = np.repeat(w, lens)
+    if _dense(n_tracks, len(co_tracks)):  # the same sums, in the same order, over every track
+        pl = np.bincount(co_tracks, minlength=n_tracks)
+        co_u = np.flatnonzero(pl)
+        return co_u, np.bincount(co_tracks, weights, n_tracks)[co_u].astype(np.float32), pl[co_u].astype(np.float32)
     co_u, inv = np.unique(co_tracks, return_inverse=True)
-    return co_u, np.bincount(inv, weights=np.repeat(w, lens)).astype(np.float32), np.bincount(inv).astype(np.float32)
+    return co_u, np.bincount(inv, weights=weights).astype(np.float32), np.bincount(inv).astype(np.float32)
 
 # %% ../nbs/11_model.ipynb #20a06687
 def _artist_playlists(st: PlaylistStats, artists: np.ndarray, shadow: np.ndarray | None) -> np.ndarray:
@@ -297,8 +319,8 @@ def _shared_features(cat: Catalogue, q: Seeds, cands: np.ndarray, artists: np.nd
     n_seeds = q.n
     (cooc, cooc_pl), (acooc, acooc_pl) = (_lookup_scores(c[0], np.stack(c[1:]), cands) for c in (co, ac))
     return {"n_seeds": n_seeds,
-            "same_artist": _member_counts(artists, cat.artist[cands]),
-            "same_album": _member_counts(albums, cat.album[cands]),
+            "same_artist": _member_counts(artists, cat.artist[cands], len(cat.by_artist.start) - 1),
+            "same_album": _member_counts(albums, cat.album[cands], len(cat.by_album.start) - 1),
             "cooc": cooc / n_seeds,
             "cooc_playlists": cooc_pl,
             "foreign_share": q.n_foreign / n_seeds,
@@ -332,7 +354,7 @@ def _audio_features(cat: Catalogue, cands: np.ndarray, centroid: np.ndarray | No
         D = cat.audio[cands] - centroid
         gaps, dist = np.abs(D), np.sqrt((D ** 2).sum(1))
     return {"dist_centroid": dist,
-            "knn": _contains(np.sort(knn), cands),
+            "knn": _isin(cands, knn, len(cat.artist)),
             **{f"gap_{f}": gaps[:, i] for i, f in enumerate(SIMILARITY)}}
 
 # %% ../nbs/11_model.ipynb #48f96727
@@ -409,7 +431,8 @@ class _Linear:
     def __call__(self, F: np.ndarray) -> np.ndarray:
         Z = F - self.mean
         Z /= self.scale
-        Z = np.nan_to_num(Z, copy=False, nan=0.0).astype(np.float64)
+        np.copyto(Z, 0, where=np.isnan(Z))  # the features are finite or NaN: np.nan_to_num's result at half its cost
+        Z = Z.astype(np.float64)
         # float32 × float32 products are exact in float64; summed in any order (the BLAS kernel's), they round to the same float32
         # unless the sum lies within ~1e-15 of a float32 rounding boundary
         return (Z @ self.coef.astype(np.float64)).astype(np.float32)
@@ -685,11 +708,9 @@ def bagged_scores(rankers: list,  # LightGBM boosters, one per bag
                  ) -> np.ndarray:
     "The bags' mean score of each row of one query, each bag's scores standardised over the rows (one bag: its own scores)."
     if len(rankers) == 1: return rankers[0].predict(X)
-    total = np.zeros(len(X))
-    for ranker in rankers:
-        s = ranker.predict(X)
-        total += (s - s.mean()) / (s.std() or 1.0)
-    return total / len(rankers)
+    S = np.stack([ranker.predict(X) for ranker in rankers])  # a row per bag
+    sd = S.std(1, keepdims=True)
+    return ((S - S.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)).sum(0) / len(rankers)
 
 # %% ../nbs/11_model.ipynb #ab7df083
 @patch
@@ -697,7 +718,7 @@ def _scored(self: MsrRecommender, q: Seeds):
     "Candidates best first, with their features and fused scores, and the seeds' genre."
     cands, F, g = _query(self.catalogue_, self.stats_, q, self.n_audio, self.n_cooc, self.n_knn)
     keep = _top(self.prefilter_(F), self.n_rank)
-    s = bagged_scores(self.rankers_, F[keep])
+    s = bagged_scores(self.rankers_, F.take(keep, 0))  # F is C-ordered: take is ~4x cheaper than F[keep]
     order, scores = fused_order(len(cands), keep[_top(s, len(s))], F[:, _COL["item_knn"]], knn_share(self.fusion, q),
                                 self.fusion["constant"])
     return cands[order], F[order], scores, g
