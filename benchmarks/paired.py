@@ -30,26 +30,20 @@ def worker(code: Path, n_queries: int, seeds: int, k: int):
     sys.path.insert(0, str(code))
     import time
 
-    import numpy as np
     import pandas as pd
 
     import msr
     from msr.core import PLAYLIST_TRACKS, SPLITS, TRACKS, load_params
     from msr.model import MsrRecommender
     from msr.transform import fit_playlists
-    from foreign import as_records
+    from foreign import latency_queries
 
     assert Path(msr.__file__).resolve().is_relative_to(code.resolve()), f"msr imported from {msr.__file__}, not {code}"
     tracks, pt, splits = (pd.read_parquet(p) for p in [TRACKS, PLAYLIST_TRACKS, SPLITS])  # this tree's: the cwd is ROOT
     params = load_params(section="train")
     model = MsrRecommender(**params).fit(tracks, fit_playlists(pt, splits, "test"))
-    rng = np.random.default_rng(0)  # the queries of benchmarks/recommend.py
-    lists = pt.groupby("playlist_id")["track_id"].apply(list)
-    lists = lists[lists.map(len) > seeds].to_numpy()
-    ids = [list(rng.choice(lists[rng.integers(len(lists))], seeds, replace=False)) for _ in range(n_queries)]
-    by_id = tracks.set_index("track_id")
-    queries = {"ids": ids, "foreign": [as_records(by_id, q, rng) for q in ids]}
-    for q in ids[:50]: model.recommend(q, k=k)  # warm-up
+    queries = latency_queries(tracks, pt, n_queries, seeds, kinds=("ids", "foreign"))  # those of benchmarks/recommend.py
+    for q in queries["ids"][:50]: model.recommend(q, k=k)  # warm-up
     print("ready", flush=True)
     for line in sys.stdin:  # "kind start stop": time those queries, answer "ms:digest" for each on one line
         kind, start, stop = line.split()

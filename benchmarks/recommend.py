@@ -25,7 +25,7 @@ from msr.core import PLAYLIST_TRACKS, SPLITS, TRACKS, load_params
 from msr.transform import fit_playlists
 from msr.model import MsrRecommender
 
-from foreign import as_records
+from foreign import latency_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,14 +47,7 @@ def main():
         t0 = time.perf_counter()
         model = MsrRecommender(**params).fit(tracks, train)
         fits.append(time.perf_counter() - t0)
-    # queries: seeds drawn from real playlists long enough to give them
-    rng = np.random.default_rng(0)
-    lists = pt.groupby("playlist_id")["track_id"].apply(list)
-    lists = lists[lists.map(len) > args.seeds].to_numpy()
-    queries = [list(rng.choice(lists[rng.integers(len(lists))], args.seeds, replace=False)) for _ in range(args.queries)]
-    by_id = tracks.set_index("track_id")
-    kinds = {"ids": queries, "foreign": [as_records(by_id, q, rng) for q in queries],
-             "foreign_nofeat": [as_records(by_id, q, rng, features=False) for q in queries]}
+    kinds = latency_queries(tracks, pt, args.queries, args.seeds)  # seeds drawn from real playlists long enough to give them
     lats = {}
     for kind, qs in kinds.items():
         for q in qs[:50]: model.recommend(q, k=args.k)  # warm-up

@@ -59,15 +59,12 @@ def one(n: int, queries: int, seeds: int, k: int) -> dict:
     t0 = time.perf_counter()
     model = MsrRecommender(**params).fit(tracks, pt)
     fit_s = time.perf_counter() - t0
-    rng = np.random.default_rng(1)
-    lists = pt.groupby("playlist_id")["track_id"].apply(list)
-    lists = lists[lists.map(len) > seeds].to_numpy()
-    qs = [list(rng.choice(lists[rng.integers(len(lists))], seeds, replace=False)) for _ in range(queries)]
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from foreign import as_records
-    by_id = tracks.set_index("track_id")
+    from foreign import latency_queries
+    kinds = latency_queries(tracks, pt, queries, seeds, seed=1, kinds=("ids", "foreign"))
+    qs = kinds["ids"]
     lats = {}
-    for kind, queries_ in (("ids", qs), ("foreign", [as_records(by_id, q, rng) for q in qs])):
+    for kind, queries_ in kinds.items():
         for q in queries_[:30]: model.recommend(q, k=k)
         lat = []
         for q in queries_:
