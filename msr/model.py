@@ -676,9 +676,10 @@ def _ranker_data(self: MsrRecommender,
 # %% ../nbs/11_model.ipynb #0240d104
 @patch
 def _fit_ranker(self: MsrRecommender, X: list, y: list, bag: int = 0):
-    "Bag 0: the linear prefilter on every candidate. Then LambdaRank on the `n_rank` the prefilter keeps per query, one more in `rankers_`."
+    "Bag `bag`'s LambdaRank booster on the `n_rank` candidates the prefilter keeps per query; bag 0 first fits that linear prefilter."
     import lightgbm as lgb
-    if bag == 0: self.prefilter_, self.rankers_ = _fit_prefilter(np.vstack(X), np.concatenate(y)), []
+    if bag == 0: self.prefilter_ = _fit_prefilter(np.vstack(X), np.concatenate(y))
+    elif not hasattr(self, "prefilter_"): raise RuntimeError(f"bag {bag}: fit bag 0 first, whose prefilter the other bags rank through")
     keep = [_top(self.prefilter_(F), self.n_rank) for F in X]
     Xr, yr = np.vstack([F[i] for F, i in zip(X, keep)]), np.concatenate([l[i] for l, i in zip(y, keep)])
     # two training threads whatever the machine (the same trees everywhere: deterministic, row-wise histograms);
@@ -686,20 +687,22 @@ def _fit_ranker(self: MsrRecommender, X: list, y: list, bag: int = 0):
     ranker = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed + bag, n_jobs=2, deterministic=True,
                             force_row_wise=True, verbose=-1, **self.ranker)
     ranker.fit(Xr, yr.astype(int), group=[len(i) for i in keep])
-    self.rankers_.append(ranker.booster_)
     if bag == 0: self.training_ = {"queries": len(X), "candidates": int(sum(len(l) for l in y)), "ranked_rows": len(yr),
                                    "positives": int(sum(l.sum() for l in y)), "positives_after_prefilter": int(yr.sum())}
+    return ranker.booster_
 
 # %% ../nbs/11_model.ipynb #c1b132a9
 @patch
 def _fit(self: MsrRecommender, tracks, playlist_tracks):
     self.catalogue_ = Catalogue(tracks, self.lookup_, exact_limit=self.exact_knn_limit)
     self.features_ = list(FEATURES)
+    rankers = []
     for bag in range(self.ranker_bags):  # one draw at a time: a bag's rows are let go before the next is drawn
         folds = self._training_folds(playlist_tracks, bag)
         X, y = self._ranker_data(((queries, self._stats(tracks, rest)) for queries, rest in folds), bag)
-        self._fit_ranker(X, y, bag)
+        rankers.append(self._fit_ranker(X, y, bag))
         if bag == 0: self.training_.update(self.cold_, folds=len(folds), bags=self.ranker_bags)
+    self.rankers_ = rankers
     self.stats_ = self._stats(tracks, playlist_tracks)
 
 # %% ../nbs/11_model.ipynb #c3d1e8f2
