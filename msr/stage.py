@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -22,7 +25,8 @@ from .redact import redact_text
 from .tracking import STAGE_FACTS_FILE, STAGE_RUN_FILE, git_commit, loggable_params, numeric_metrics, parent_run, pipeline_key, read_stage_facts, refusal, setup_mlflow
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'normalize_report', 'run_stage', 'main']
+__all__ = ['STAGE_NOTEBOOKS', 'stage_params', 'declared_files', 'StageFailed', 'normalize_report', 'outputs_kept', 'run_stage',
+           'main']
 
 # %% ../nbs/09_stage.ipynb #9f78dba4
 def _stages(repo: str | Path) -> dict:
@@ -140,6 +144,34 @@ def normalize_report(path: Path):
         if "injected-parameters" in cell.metadata.get("tags", []): cell["id"] = "injected-parameters"
     with atomic_path(path) as tmp: nbformat.write(nb, tmp)
 
+# %% ../nbs/09_stage.ipynb #6a3f9b02
+def _remove(p: Path):
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+    elif p.exists() or p.is_symlink(): p.unlink()
+
+@contextmanager
+def outputs_kept(stage: str,  # a stage of dvc.yaml
+                 but: Path | None = None,  # a declared output left as the block leaves it (the report)
+                 repo: str | Path = ".",  # the project
+                ):
+    "Copies of `stage`'s declared outputs, put back if the block raises (outputs it created removed), dropped if it does not."
+    repo = Path(repo)
+    paths = [repo / p for kind in ("outs", "metrics", "plots") for p in declared_files(stage, kind, repo)
+             if but is None or (repo / p).resolve() != Path(but).resolve()]
+    with tempfile.TemporaryDirectory(prefix=".msr-stage-", dir=repo) as tmp:
+        saved = {}
+        for i, p in enumerate(paths):
+            if p.exists():
+                saved[p] = Path(tmp) / str(i)
+                if p.is_dir(): shutil.copytree(p, saved[p], symlinks=True)
+                else: shutil.copy2(p, saved[p])
+        try: yield
+        except BaseException:
+            for p in paths:
+                _remove(p)
+                if p in saved: os.replace(saved[p], p)  # the same file system: a rename
+            raise
+
 # %% ../nbs/09_stage.ipynb #5c5b9b1a
 def run_stage(stage: str,  # a stage of dvc.yaml
               track: bool = True,  # log to MLflow
@@ -151,7 +183,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
     report.parent.mkdir(parents=True, exist_ok=True)
     pm = _papermill()
     status, error, facts = "FINISHED", None, {}
-    with tempfile.TemporaryDirectory(prefix="msr-stage-") as tmp:
+    with outputs_kept(stage, but=report), tempfile.TemporaryDirectory(prefix="msr-stage-") as tmp:
         run_file, facts_file = Path(tmp) / "run_id", Path(tmp) / "facts.json"
         runs = _StageRuns(stage, src, params, run_file) if track else None
         t0 = time.time()
@@ -163,7 +195,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
                                     shutdown_kernel="immediate")  # every cell is done: no graceful teardown to wait for
         except pm.PapermillExecutionError as e:
             status = "FAILED"
-            error = StageFailed(f"stage {stage!r} failed: {e.ename}: {e.evalue} (see {report})")
+            error = StageFailed(f"stage {stage!r} failed: {e.ename}: {e.evalue} (see {report}; its other outputs are left as they were)")
         except Exception as e:
             status = "FAILED"
             error = StageFailed(f"stage {stage!r} could not run: {type(e).__name__}: {e}")
@@ -173,7 +205,7 @@ def run_stage(stage: str,  # a stage of dvc.yaml
             if runs is not None:
                 try: runs.close(status, time.time() - t0, report, facts)
                 except StageFailed as e: error = error or e
-    if error: raise error
+        if error: raise error  # inside `outputs_kept`: the stage's earlier outputs are put back
     return report, facts
 
 # %% ../nbs/09_stage.ipynb #cf4b9bb6

@@ -51,3 +51,26 @@ def test_failed_stage_is_recorded_and_named(project, tmp_path):
     assert "source not found" in (project / "outputs/ingest.ipynb").read_text()
     unknown = run(["msr-stage", "nope"], project, check=False)
     assert unknown.returncode == 1 and "no stage 'nope'" in unknown.stderr
+
+
+def test_failed_stage_keeps_earlier_outputs(project, sample_zip):
+    "A stage that fails after writing some outputs leaves every declared output as the last good run left it."
+    import nbformat
+    set_params(project, ingest={"source": str(sample_zip), "sha256": "", "offline_source": ""})
+    for stage in ["ingest", "validate"]: run(["msr-stage", stage, "--no_track"], project)
+    outs = ["data/interim/songs.parquet", "data/interim/quarantine.csv", "outputs/validation.json",
+            "outputs/validation_status.txt", "outputs/metrics/validate.json"]
+    good = {p: (project / p).read_bytes() for p in outs}
+    path = project / "nbs/stages/validate.ipynb"  # the real stage, with one more cell at its end
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell('from pathlib import Path\nPath("data/interim/songs.parquet").write_bytes(b"half")\n'
+                                              'raise RuntimeError("failed after writing its outputs")'))
+    nbformat.write(nb, path)
+    (project / "outputs/validation.json").unlink()  # not there before this run: the failed run's copy goes too
+    p = run(["msr-stage", "validate", "--no_track"], project, check=False)
+    assert p.returncode == 1 and "failed after writing its outputs" in p.stderr and "left as they were" in p.stderr
+    assert {p: (project / p).read_bytes() for p in outs if p != "outputs/validation.json"} == \
+        {p: v for p, v in good.items() if p != "outputs/validation.json"}
+    assert not (project / "outputs/validation.json").exists()
+    assert "failed after writing its outputs" in (project / "outputs/validate.ipynb").read_text()  # the failure's report
+    assert not list(project.glob(".msr-stage-*"))
