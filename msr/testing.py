@@ -129,39 +129,61 @@ def after_make_run(command: str = "make run-offline") -> subprocess.CompletedPro
         try: return sh(command, quiet=True)
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
+def _answer(url: str) -> int | None:
+    "The HTTP status `url` answers with (following redirects); 0 for a `tcp://host:port` that accepts; None: nothing answers yet."
+    try:
+        if url.startswith("tcp://"):  # listening is enough
+            host, port = url[len("tcp://"):].rsplit(":", 1)
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return 0
+        with urllib.request.urlopen(url, timeout=2) as r: return r.status
+    except urllib.error.HTTPError as e: return e.code  # it answers
+    except OSError: return None
+
 class Service:
-    "`command` left running, as in a second terminal, until `stop`; started once `url` answers (with `status`, if given)."
-    def __init__(self, command: str, url: str, env: dict | None = None, timeout: float = 300, cwd: str | Path | None = None,
-                 status: int | None = None):  # e.g. 200: a proxy's 404 before its routes exist is not "started"
-        self.command, self.log = command, Path(tempfile.mkstemp(prefix="msr-guide-", suffix=".log")[1])
+    """`command` left running, as in a second terminal, until `stop`; started once `url` answers (with `status`, if given).
+    The tests' servers use it too: an argument list, their full environment, and a log they read afterwards."""
+    def __init__(self, command: str | list,  # a command line for bash, or an argument list run as it is
+                 url: str,  # http(s)://… that answers once it has started, or tcp://host:port that accepts
+                 env: dict | None = None,  # variables set for it, on top of this process's (see `inherit`)
+                 timeout: float = 300, cwd: str | Path | None = None,
+                 status: int | None = None,  # e.g. 200: a proxy's 404 before its routes exist is not "started"
+                 log: str | Path | None = None,  # where its output goes, kept after `stop` (default: a temporary file, removed)
+                 inherit: bool = True,  # False: `env` is its whole environment
+                ):
+        self.command, self.keep_log, self.stopped = command, log is not None, False
+        self.log = Path(log) if log is not None else Path(tempfile.mkstemp(prefix="msr-guide-", suffix=".log")[1])
+        argv = ["bash", "-c", command] if isinstance(command, str) else [str(a) for a in command]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(["bash", "-c", command], cwd=cwd or project_root(), env=_env(env), stdout=out,
+            self.proc = subprocess.Popen(argv, cwd=cwd or project_root(), env=_env(env) if inherit else env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         atexit.register(self.stop)  # a guide that fails half way leaves nothing running
+        shown = command if isinstance(command, str) else " ".join(argv)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"`{command}` exited with {self.proc.returncode}:\n{self.output(last=True)}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r: got = r.status
-            except urllib.error.HTTPError as e: got = e.code  # it answers
-            except OSError: got = None
+                raise AssertionError(f"`{shown}` exited with {self.proc.returncode}:\n{self.output(last=True)}")
+            got = _answer(url)
             if got is not None and status in (None, got): return
             time.sleep(0.5)
         text = self.output()
         self.stop()
-        raise AssertionError(f"`{command}` did not answer {url} within {timeout:g} s:\n{text}")
+        raise AssertionError(f"`{shown}` did not answer {url} within {timeout:g} s:\n{text}")
 
     def output(self, last: bool = False) -> str:
-        "The end of what it wrote (`last`: and forget the log, when it did not start)."
+        "The end of what it wrote (`last`: and forget a temporary log, when it did not start)."
         text = self.log.read_text(errors="replace")[-4000:]
-        if last: self.log.unlink(missing_ok=True)
+        if last and not self.keep_log: self.log.unlink(missing_ok=True)
         return text
 
     def stop(self):
         "Stop it and everything it started, in its process group or not (JupyterHub's proxy leaves it): SIGTERM, SIGKILL after 20 s."
         import psutil
-        try: family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        if self.stopped: return  # once: a second time, its pid may be another process's
+        self.stopped = True
+        atexit.unregister(self.stop)
+        try:  # once it has been waited for (a test may stop it itself), its pid may be another process's
+            family = [] if self.proc.poll() is not None else [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.NoSuchProcess: family = []
         for p in family:
             try: p.terminate()
@@ -173,5 +195,4 @@ class Service:
             try: p.kill()
             except psutil.NoSuchProcess: pass
         self.proc.wait()
-        self.log.unlink(missing_ok=True)  # what it wrote was shown when it mattered (a failed start)
-
+        if not self.keep_log: self.log.unlink(missing_ok=True)  # what it wrote was shown when it mattered (a failed start)

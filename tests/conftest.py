@@ -204,35 +204,22 @@ def served_env(project: Path, monitor_db: Path) -> dict:
             "MSR_MONITOR_DB": str(monitor_db), "MSR_PROJECT_DIR": str(project)}
 
 
+_SERVERS: dict = {}  # pid -> the msr.testing.Service that started it
+
+
 def start_server(cmd: list[str], cwd: Path, env: dict, url: str, log: Path, timeout: float = 180):
-    "Start a server process (own process group) and wait until `url` answers (tcp://host:port: accepts); returns the Popen."
-    import time
-    import urllib.request
-    out = open(log, "wb")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if url.startswith("tcp://"):  # listening is enough
-                import socket
-                host, port = url[6:].split(":")
-                socket.create_connection((host, int(port)), timeout=2).close()
-                return proc
-            with urllib.request.urlopen(url, timeout=2): return proc
-        except Exception: time.sleep(0.5)
-    stop_server(proc)
-    raise AssertionError(f"{' '.join(cmd)} did not answer {url} within {timeout}s:\n{log.read_text()[-3000:]}")
+    """Start a server process (own process group) and wait until `url` answers with 200 (tcp://host:port: accepts); returns the
+    Popen. `msr.testing.Service`, as the guides start theirs, with this whole environment and a log the test reads."""
+    from msr.testing import Service
+    service = Service(cmd, url, env=env, timeout=timeout, cwd=cwd, status=None if url.startswith("tcp://") else 200,
+                      log=log, inherit=False)
+    _SERVERS[service.proc.pid] = service
+    return service.proc
 
 
 def stop_server(proc):
     "Stop a server started by `start_server`, children included."
-    import signal
-    try: os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError: return
-    try: proc.wait(timeout=20)
-    except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
+    _SERVERS.pop(proc.pid).stop()
 
 
 def all_text(project: Path) -> str:
