@@ -24,15 +24,15 @@ def as_records(by_id: pd.DataFrame,  # the catalogue indexed by track_id
 
 def latency_queries(tracks: pd.DataFrame, pt: pd.DataFrame,  # the catalogue and the playlists' tracks
                     n: int, seeds: int, seed: int = 0,  # n queries of `seeds` tracks each, drawn with random seed `seed`
-                    kinds: tuple = ("ids", "foreign", "foreign_nofeat"),
+                    without_features: bool = True,  # also the records without audio features ("foreign_nofeat")
                    ) -> dict[str, list]:
     """The latency benchmarks' queries: `n` draws of `seeds` tracks, each from a playlist longer than that, as catalogue
-    ids; then the same tracks as foreign records with audio features, and without."""
+    ids; then the same tracks as foreign records with audio features, and (drawn last) without."""
     rng = np.random.default_rng(seed)
     lists = pt.groupby("playlist_id")[TRACK_ID].apply(list)
     lists = lists[lists.map(len) > seeds].to_numpy()
     ids = [list(rng.choice(lists[rng.integers(len(lists))], seeds, replace=False)) for _ in range(n)]
     by_id = tracks.set_index(TRACK_ID)
-    out = {"ids": ids, "foreign": [as_records(by_id, q, rng) for q in ids],
-           "foreign_nofeat": [as_records(by_id, q, rng, features=False) for q in ids]}
-    return {kind: out[kind] for kind in kinds}
+    out = {"ids": ids, "foreign": [as_records(by_id, q, rng) for q in ids]}
+    if without_features: out["foreign_nofeat"] = [as_records(by_id, q, rng, features=False) for q in ids]
+    return out

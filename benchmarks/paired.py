@@ -42,7 +42,7 @@ def worker(code: Path, n_queries: int, seeds: int, k: int):
     tracks, pt, splits = (pd.read_parquet(p) for p in [TRACKS, PLAYLIST_TRACKS, SPLITS])  # this tree's: the cwd is ROOT
     params = load_params(section="train")
     model = MsrRecommender(**params).fit(tracks, fit_playlists(pt, splits, "test"))
-    queries = latency_queries(tracks, pt, n_queries, seeds, kinds=("ids", "foreign"))  # those of benchmarks/recommend.py
+    queries = latency_queries(tracks, pt, n_queries, seeds, without_features=False)  # those of benchmarks/recommend.py
     for q in queries["ids"][:50]: model.recommend(q, k=k)  # warm-up
     print("ready", flush=True)
     for line in sys.stdin:  # "kind start stop": time those queries, answer "ms:digest" for each on one line

@@ -61,7 +61,7 @@ def one(n: int, queries: int, seeds: int, k: int) -> dict:
     fit_s = time.perf_counter() - t0
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from foreign import latency_queries
-    kinds = latency_queries(tracks, pt, queries, seeds, seed=1, kinds=("ids", "foreign"))
+    kinds = latency_queries(tracks, pt, queries, seeds, seed=1, without_features=False)
     qs = kinds["ids"]
     lats = {}
     for kind, queries_ in kinds.items():
