@@ -266,8 +266,14 @@ def desk_status(page, text: str, timeout: float = 60_000):
     return page.inner_text(".msr-desk-status")
 
 
+HAS_OPTION = """([css, starts]) => [...document.querySelectorAll(css + ' select option')]
+                   .some(o => o.textContent.replace(/\\u00a0/g, ' ').startsWith(starts))"""
+
+
 def pick(page, css: str, starts: str):
-    "Choose the option of the dropdown `css` whose label starts with `starts` (ipywidgets shows spaces as no-break spaces)."
+    """Choose the option of the dropdown `css` whose label starts with `starts` (ipywidgets shows spaces as no-break spaces),
+    once the page has it: the desk sets a table and its dropdown in two widget messages, so one can show before the other."""
+    page.wait_for_function(HAS_OPTION, arg=[css, starts], timeout=30_000)
     labels = page.locator(f"{css} select option").all_inner_texts()
     page.locator(f"{css} select").select_option(label=next(label for label in labels if label.replace("\xa0", " ").startswith(starts)))
 
